@@ -1,0 +1,163 @@
+"""``posttrain CMD [CONFIG.yaml] [key=value ...]``.
+
+Every command has one typed config (``posttrain.config``); ``--help`` lists its
+keys. ``--nproc N`` relaunches the command under ``torch.distributed.run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import subprocess
+import sys
+import typing
+
+from posttrain.config import COMMANDS, ConfigError, help_text, load_config
+from posttrain.errors import PosttrainError
+
+# command -> "module:function"; imported lazily so `posttrain --help` stays fast
+ENTRY = {
+    "sft": "posttrain.recipes.sft:main",
+    "rm": "posttrain.recipes.rm:main",
+    "dpo": "posttrain.recipes.dpo:main",
+    "online-dpo": "posttrain.recipes.online_dpo:main",
+    "ppo": "posttrain.recipes.ppo:main",
+    "demo": "posttrain.recipes.demo:main",
+    "eval": "posttrain.eval.run:main",
+    "generate": "posttrain.rollout.generate:main",
+    "tiny-model": "posttrain.models.tiny:main",
+    "task": "posttrain.tasks:main",
+    "report": "posttrain.report:main",
+}
+
+# bare positional words (not a .yaml file, not key=value) fill these keys in order
+POSITIONAL = {
+    "task": ["name", "output_dir"],
+    "tiny-model": ["output_dir"],
+    "report": ["runs*"],
+    "eval": ["model"],
+    "generate": ["prompt*"],
+}
+
+USAGE = """usage: posttrain COMMAND [CONFIG.yaml] [key=value ...] [--help] [--nproc N]
+
+commands:
+  sft          supervised fine-tuning (instruction tuning, or classification with a new head)
+  rm           reward model (Bradley-Terry)
+  dpo          offline DPO (sigmoid, ipo, hinge, robust; + SFT term)
+  online-dpo   iterative online DPO (sample, label, train, repeat)
+  ppo          PPO with a reward model / function / verifier and a critic (or GRPO, RLOO, REINFORCE++)
+  eval         evaluate a model: gold accuracy, pass@k, reward, KL, length, EOS rate, perplexity
+  generate     sample from a model (--chat for a terminal chat)
+  demo         the whole pipeline on the embedded default, with a report
+  tiny-model   write the embedded default model and tokenizer
+  task         write a built-in task's data files: posttrain task NAME OUT_DIR
+  report       markdown + PNG report for one or more runs
+"""
+
+
+def _bool_fields(cls: type) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {f.name for f in dataclasses.fields(cls) if hints[f.name] is bool}
+
+
+def parse_args(command: str, argv: list[str]) -> tuple[str | None, list[str], int]:
+    """Split argv into (config file, key=value overrides, nproc)."""
+    cls = COMMANDS[command]
+    bools = _bool_fields(cls)
+    path: str | None = None
+    overrides: list[str] = []
+    positional = list(POSITIONAL.get(command, []))
+    nproc = 0
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--"):
+            name = a[2:].replace("-", "_")
+            if "=" in name:
+                k, v = name.split("=", 1)
+                overrides.append(f"{k}={v}")
+            elif name == "nproc":
+                i += 1
+                nproc = int(argv[i])
+            elif name in bools:
+                overrides.append(f"{name}=true")
+            elif name.startswith("no_") and name[3:] in bools:
+                overrides.append(f"{name[3:]}=false")
+            elif i + 1 < len(argv):
+                i += 1
+                overrides.append(f"{name}={argv[i]}")
+            else:
+                raise ConfigError(f"option `{a}` needs a value")
+        elif "=" in a and not a.startswith("/"):
+            overrides.append(a)
+        elif path is None and a.endswith((".yaml", ".yml")):
+            path = a
+        elif positional:
+            key = positional[0]
+            if key.endswith("*"):
+                overrides.append(f"{key[:-1]}+={a}")
+            else:
+                positional.pop(0)
+                overrides.append(f"{key}={a}")
+        else:
+            raise ConfigError(f"unexpected argument `{a}` for `posttrain {command}`")
+        i += 1
+    # collect repeated list positionals ("runs+=a runs+=b") into one list override
+    lists: dict[str, list[str]] = {}
+    plain = []
+    for o in overrides:
+        k, v = o.split("=", 1)
+        if k.endswith("+"):
+            lists.setdefault(k[:-1], []).append(v)
+        else:
+            plain.append(o)
+    for k, vs in lists.items():
+        plain.append(f"{k}=[{', '.join(repr(v) for v in vs)}]")
+    return path, plain, nproc
+
+
+def _relaunch(nproc: int, command: str, argv: list[str]) -> int:
+    rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "posttrain", command, *rest]
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        print(f"posttrain: unknown command `{command}`" + (f"; did you mean `{close[0]}`?" if close else ""), file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 2
+    if "-h" in rest or "--help" in rest:
+        print(f"usage: posttrain {command} [CONFIG.yaml] [key=value ...]\n\nkeys (default, meaning):")
+        print(help_text(COMMANDS[command]))
+        return 0
+    try:
+        path, overrides, nproc = parse_args(command, rest)
+        if nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return _relaunch(nproc, command, rest)
+        cfg = load_config(COMMANDS[command], path, overrides)
+        module, fn = ENTRY[command].split(":")
+        getattr(importlib.import_module(module), fn)(cfg)
+    except (ConfigError, PosttrainError) as e:
+        print(f"posttrain {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"posttrain {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

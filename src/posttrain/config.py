@@ -1,0 +1,448 @@
+"""Typed configs: one dataclass per command, a help string on every key.
+
+A config comes from an optional YAML file plus dotted ``key=value`` overrides
+(command-line values win). Unknown keys and wrong types are rejected with the
+key's name and the closest valid key. ``posttrain CMD --help`` prints
+:func:`help_text` of the command's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best at call sites
+    """A config field with a default and a help string."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def sub(cls: type, help: str) -> Any:  # noqa: A002
+    """A nested config section."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = opt([], "training data: file path(s) (json, jsonl, csv, parquet), a saved dataset folder, or an HF dataset name (`name` or `name:split`)")
+    eval: list[str] = opt([], "evaluation data, same forms as data.train")
+    eval_split: float = opt(0.0, "when data.eval is empty, hold out this fraction of data.train for evaluation")
+    format: str = opt("auto", "row format: auto, messages, prompt_completion, alpaca, sharegpt, text, classification, preference, prompt")
+    chat_template: str = opt("auto", "auto (the tokenizer's own, else chatml), chatml, or a Jinja template string")
+    skip_invalid: bool = opt(False, "skip and count bad rows instead of stopping the run")
+    max_rows: int = opt(0, "use at most this many training rows (0 = all)")
+    shuffle: bool = opt(True, "shuffle the training rows each epoch (seeded)")
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(0, "LoRA rank; 0 means full fine-tuning")
+    alpha: int = opt(16, "LoRA scaling alpha")
+    dropout: float = opt(0.0, "dropout on the LoRA path")
+    target_modules: list[str] = opt(["all-linear"], "module names to adapt, or all-linear")
+
+
+@dataclass
+class FreezeConfig:
+    trainable_layers: int = opt(-1, "train only the top N transformer blocks (-1 = all, 0 = none)")
+    extra: list[str] = opt(["norm", "lm_head", "score"], "module name patterns that stay trainable when freezing (final norm, heads)")
+
+
+@dataclass
+class LoggingConfig:
+    steps: int = opt(10, "log training metrics every N optimizer steps")
+    report_to: list[str] = opt(["jsonl"], "jsonl always; add tensorboard and/or wandb when installed")
+    progress: bool = opt(True, "show a progress bar with ETA and live loss")
+    eval_steps: int = opt(0, "evaluate on data.eval every N steps (0 = at the end of each epoch)")
+
+
+@dataclass
+class SaveConfig:
+    steps: int = opt(0, "save a checkpoint every N optimizer steps (0 = only at the end)")
+    keep: int = opt(2, "how many step checkpoints to keep")
+    merge_lora: bool = opt(False, "with LoRA, also write a merged full model to final/merged")
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = opt(64, "prompts x samples generated per rollout batch (episodes per PPO iteration)")
+    samples_per_prompt: int = opt(1, "completions sampled per prompt (group size for grpo / rloo)")
+    max_new_tokens: int = opt(32, "longest sampled response")
+    temperature: float = opt(1.0, "sampling temperature (the loss uses the same)")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    top_p: float = opt(1.0, "nucleus sampling (1.0 = off)")
+    backend: str = opt("hf", "hf (KV-cached batched sampler) or vllm (optional extra)")
+    generation_batch_size: int = opt(0, "sequences per generation call (0 = the whole rollout batch)")
+
+
+@dataclass
+class RewardConfig:
+    model: str = opt("", "folder of a trained reward model (scalar head)")
+    function: str = opt("", "path/to/file.py:fn taking (prompts, completions) and returning floats")
+    task: str = opt("", "built-in verifier: arithmetic, sentiment, dialogue")
+    weights: list[float] = opt([], "weights when several sources are given (model, function, task order)")
+    clip: float = opt(0.0, "clip scores to [-clip, clip] (0 = off)")
+    batch_size: int = opt(32, "sequences per reward-model forward pass")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass
+class TrainConfig:
+    """Keys every training command shares (DESIGN.md)."""
+
+    model: str = opt("runs/tiny", "HF hub id or local folder of the model to train")
+    output_dir: str = opt("runs/out", "where everything of the run goes")
+    seed: int = opt(0, "one seed for data order, init and sampling")
+    max_length: int = opt(512, "longest tokenized sequence; longer ones are truncated (completion side) or dropped, and counted")
+    batch_size: int = opt(8, "sequences per device per micro-step")
+    grad_accum: int = opt(1, "micro-steps per optimizer step")
+    learning_rate: float = opt(2e-5, "peak learning rate")
+    lr_scheduler: str = opt("linear", "constant, linear or cosine (after warm-up)")
+    warmup_ratio: float = opt(0.0, "fraction of steps spent warming up linearly from 0")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms)")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm (0 = off)")
+    num_epochs: float = opt(1.0, "passes over the training data")
+    max_steps: int = opt(0, "optimizer steps; wins over num_epochs when > 0")
+    dtype: str = opt("auto", "auto (bf16 on a GPU that supports it, else float32), float32, bfloat16, float16")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    resume: str = opt("auto", "auto (latest checkpoint in output_dir), a checkpoint path, or false")
+    data: DataConfig = sub(DataConfig, "data sources and format")
+    lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")
+    freeze: FreezeConfig = sub(FreezeConfig, "layer freezing")
+    logging: LoggingConfig = sub(LoggingConfig, "metrics logging")
+    save: SaveConfig = sub(SaveConfig, "checkpoints")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    task: str = opt("causal_lm", "causal_lm (instruction tuning) or classification (new head)")
+    num_labels: int = opt(0, "classification: number of labels (0 = from the data)")
+    loss_on: str = opt("assistant", "assistant (assistant turns), completion (last assistant turn), or all tokens")
+    packing: bool = opt(False, "pack several sequences per row with no cross-attention between them")
+    learning_rate: float = opt(2e-5, "peak learning rate")
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    margin: bool = opt(True, "use a per-pair `margin` column when the data has one")
+    center_rewards_coef: float = opt(0.0, "weight of the reward-centring term mean((r_c + r_r)^2)")
+    normalize: bool = opt(True, "after training, store bias/scale so chosen rewards on the training prompts have mean 0, std 1")
+    learning_rate: float = opt(1e-5, "peak learning rate")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    beta: float = opt(0.1, "KL weight beta")
+    loss_type: str = opt("sigmoid", "sigmoid (DPO), ipo, hinge, robust")
+    label_smoothing: float = opt(0.0, "assumed fraction of flipped labels (robust / cDPO)")
+    sft_weight: float = opt(0.0, "weight of the chosen response's NLL added to the loss")
+    ref_model: str = opt("", "folder of the reference model (default: the policy's starting weights)")
+    precompute_ref: bool = opt(True, "compute reference log-probs once before training and cache them")
+    learning_rate: float = opt(1e-6, "peak learning rate")
+
+
+@dataclass
+class OnlineDPOConfig(DPOConfig):
+    prompts: list[str] = opt([], "prompt file(s) to sample from (default: data.train)")
+    rounds: int = opt(3, "sample-label-train rounds")
+    prompts_per_round: int = opt(64, "prompts sampled per round")
+    samples_per_prompt: int = opt(4, "completions per prompt; pairs are best vs worst, ties dropped")
+    epochs_per_round: int = opt(1, "DPO epochs over each round's pairs")
+    reset_ref_each_round: bool = opt(True, "the trained policy becomes the next round's reference (DPO-Iter)")
+    eval_task: str = opt("", "built-in task whose verifier scores held-out prompts after each round")
+    eval_prompts: int = opt(64, "held-out prompts scored per round when eval_task is set")
+    rollout: RolloutConfig = sub(RolloutConfig, "sampling")
+    reward: RewardConfig = sub(RewardConfig, "reward source(s)")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    prompts: list[str] = opt([], "prompt file(s) (default: data.train)")
+    total_episodes: int = opt(1024, "sampled responses over the whole run")
+    ppo_epochs: int = opt(4, "passes over each rollout batch")
+    mini_batch_size: int = opt(16, "sequences per PPO optimizer step (split into micro-batches of batch_size)")
+    clip_range: float = opt(0.2, "policy ratio clip")
+    value_clip: float = opt(0.2, "value clip around the old values")
+    vf_coef: float = opt(0.1, "value loss weight")
+    gamma: float = opt(1.0, "discount")
+    lam: float = opt(0.95, "GAE lambda")
+    kl_coef: float = opt(0.05, "KL penalty weight")
+    kl_estimator: str = opt("k1", "k1, k2 or k3 (Schulman's estimators)")
+    adaptive_kl_target: float = opt(0.0, "target KL for the adaptive controller (0 = fixed kl_coef)")
+    whiten_advantages: bool = opt(True, "normalise advantages over the batch's valid tokens")
+    whiten_rewards: bool = opt(False, "normalise scores over the batch")
+    ref_ema: float = opt(0.0, "0 = frozen reference; else the EMA weight given to the policy each step")
+    missing_eos_penalty: float = opt(-1.0, "added to the score of a response with no EOS (0 = off)")
+    advantage_estimator: str = opt("gae", "gae (critic), grpo, rloo, reinforce_pp")
+    critic_init: str = opt("auto", "reward (from the reward model), policy (policy backbone), auto")
+    critic_learning_rate: float = opt(0.0, "critic learning rate (0 = learning_rate)")
+    eval_task: str = opt("", "built-in task whose verifier scores held-out prompts during training")
+    eval_prompts: int = opt(64, "held-out prompts scored at each evaluation")
+    eval_every: int = opt(0, "evaluate every N PPO iterations (0 = start and end only)")
+    rollout: RolloutConfig = sub(RolloutConfig, "sampling")
+    reward: RewardConfig = sub(RewardConfig, "reward source(s)")
+    learning_rate: float = opt(1e-5, "actor learning rate")
+
+
+@dataclass
+class EvalConfig:
+    model: str = opt("runs/out/final", "model folder to evaluate")
+    task: str = opt("", "built-in task whose held-out prompts and verifier to use")
+    prompts: list[str] = opt([], "prompt file(s) (default: the task's eval.jsonl)")
+    data: list[str] = opt([], "data file(s) for perplexity (causal LM) or accuracy / macro-F1 (classifier)")
+    ref_model: str = opt("", "reference model for the sequence KL")
+    reward: RewardConfig = sub(RewardConfig, "reward source for the mean reward")
+    num_prompts: int = opt(200, "held-out prompts to score (0 = all)")
+    num_samples: int = opt(4, "samples per prompt for pass@k (k = 1..num_samples)")
+    greedy: bool = opt(True, "also score greedy decoding")
+    rollout: RolloutConfig = sub(RolloutConfig, "sampling")
+    batch_size: int = opt(64, "sequences per forward pass")
+    max_length: int = opt(512, "longest sequence for perplexity")
+    output: str = opt("", "where to write eval.json (default: MODEL/eval.json)")
+    seed: int = opt(0, "sampling seed")
+    dtype: str = opt("auto", "model dtype")
+
+
+@dataclass
+class GenerateConfig:
+    model: str = opt("runs/out/final", "model folder or hub id")
+    prompt: list[str] = opt([], "prompt text(s)")
+    prompts: str = opt("", "file of prompts (jsonl with prompt / messages, or one per line)")
+    chat: bool = opt(False, "interactive chat in the terminal")
+    rollout: RolloutConfig = sub(RolloutConfig, "sampling")
+    seed: int = opt(0, "sampling seed")
+    dtype: str = opt("auto", "model dtype")
+
+
+@dataclass
+class TinyModelConfig:
+    output_dir: str = opt("runs/tiny", "where to write the model and tokenizer")
+    size: str = opt("tiny", "tiny (~1M params) or small (~30M params)")
+    vocab_size: int = opt(512, "BPE vocabulary size")
+    seed: int = opt(0, "init seed")
+
+
+@dataclass
+class TaskConfig:
+    name: str = opt("arithmetic", "arithmetic, sentiment or dialogue")
+    output_dir: str = opt("data/task", "where the jsonl files go")
+    seed: int = opt(0, "generator seed")
+    n_train: int = opt(4000, "training rows (sft, prefs, prompts, classify)")
+    n_eval: int = opt(500, "held-out prompts")
+    noise: float = opt(0.2, "fraction of wrong SFT demonstrations")
+    difficulty: int = opt(1, "task difficulty level")
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = opt("runs/demo", "where every stage writes")
+    task: str = opt("arithmetic", "arithmetic or sentiment")
+    quick: bool = opt(False, "the same pipeline in under two minutes (for tests)")
+    ablation: bool = opt(False, "run the Xu et al. Table 3 PPO ablation instead")
+    seed: int = opt(0, "seed for every stage")
+
+
+@dataclass
+class ReportConfig:
+    runs: list[str] = opt([], "run folders")
+    output: str = opt("", "report folder (default: the single run, or runs/report)")
+    title: str = opt("posttrain report", "report title")
+
+
+COMMANDS: dict[str, type] = {
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "dpo": DPOConfig,
+    "online-dpo": OnlineDPOConfig,
+    "ppo": PPOConfig,
+    "eval": EvalConfig,
+    "generate": GenerateConfig,
+    "tiny-model": TinyModelConfig,
+    "task": TaskConfig,
+    "demo": DemoConfig,
+    "report": ReportConfig,
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1, cutoff=0.5)
+    hint = f"; did you mean `{where}{close[0]}`?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown config key `{where}{key}`{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if value is None:
+            return []
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value] if not (isinstance(value, str) and "," in value and item is not str) else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key `{key}` expects a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key `{key}` expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key `{key}` expects an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"config key `{key}` expects an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"config key `{key}` expects an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key `{key}` expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key `{key}` expects a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return str(value)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"config key `{key}` expects a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section `{where.rstrip('.') or '<root>'}` expects a mapping, got {values!r}")
+    hints, fields = _hints(cls), _fields(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(str(key), list(fields), where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=3`` -> ("a.b", 3); values are read as YAML scalars or lists."""
+    if "=" not in text:
+        raise ConfigError(f"expected key=value, got `{text}`")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Any:
+    """Build ``cls`` from an optional YAML file and dotted overrides (overrides win)."""
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+        for k, v in loaded.items():
+            if isinstance(v, dict) and "." not in str(k):
+                tree[str(k)] = dict(v)
+            else:
+                _set_dotted(tree, str(k), v)
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for k, v in items:
+        _set_dotted(tree, k, v)
+    try:
+        return _build(cls, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(p)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if isinstance(tp, types.GenericAlias):
+        return str(tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def help_text(cls: type, prefix: str = "") -> str:
+    """Every key with its type, default and meaning."""
+    lines: list[str] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n  [{prefix}{f.name}] {f.metadata.get('help', '')}")
+            lines.append(help_text(tp, prefix=f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
