@@ -187,6 +187,7 @@ class PPOConfig(TrainConfig):
     kl_coef: float = opt(0.05, "KL penalty weight")
     kl_estimator: str = opt("k1", "k1, k2 or k3 (Schulman's estimators)")
     adaptive_kl_target: float = opt(0.0, "target KL for the adaptive controller (0 = fixed kl_coef)")
+    adaptive_kl_horizon: int = opt(10000, "horizon (episodes) of the adaptive KL controller (Ziegler et al. 2019)")
     whiten_advantages: bool = opt(True, "normalise advantages over the batch's valid tokens")
     whiten_rewards: bool = opt(False, "normalise scores over the batch")
     ref_ema: float = opt(0.0, "0 = frozen reference; else the EMA weight given to the policy each step")
