@@ -1,1 +1,60 @@
-"""posttrain.data"""
+"""posttrain.data: read rows, normalise formats, apply chat templates, mask labels, pad or pack into batches."""
+
+from posttrain.data.collate import (
+    ClassificationBatch,
+    PairBatch,
+    PromptBatch,
+    RankingBatch,
+    SFTBatch,
+    batches,
+    collate_classification,
+    collate_pairs,
+    collate_prompts,
+    collate_rankings,
+    collate_sft,
+    epoch_order,
+    num_batches,
+    pack_sft,
+    positions_from_mask,
+    train_eval_split,
+)
+from posttrain.data.formats import (
+    FORMATS,
+    KINDS,
+    ChatExample,
+    ClassificationExample,
+    DataStats,
+    Example,
+    PreferenceExample,
+    PromptExample,
+    RankingExample,
+    RowError,
+    TextExample,
+    detect_format,
+    label_maps,
+    load_examples,
+    normalize,
+)
+from posttrain.data.io import Row, load_rows
+from posttrain.data.tokenize import (
+    CHATML_TEMPLATE,
+    IGNORE,
+    render,
+    resolve_chat_template,
+    tokenize_classification,
+    tokenize_examples,
+    tokenize_preference,
+    tokenize_prompt,
+    tokenize_ranking,
+    tokenize_sft,
+)
+
+__all__ = [
+    "CHATML_TEMPLATE", "FORMATS", "IGNORE", "KINDS", "ChatExample", "ClassificationBatch", "ClassificationExample",
+    "DataStats", "Example", "PairBatch", "PreferenceExample", "PromptBatch", "PromptExample", "RankingBatch",
+    "RankingExample", "Row", "RowError", "SFTBatch", "TextExample", "batches", "collate_classification",
+    "collate_pairs", "collate_prompts", "collate_rankings", "collate_sft", "detect_format", "epoch_order",
+    "label_maps", "load_examples", "load_rows", "normalize", "num_batches", "pack_sft", "positions_from_mask",
+    "render", "resolve_chat_template", "tokenize_classification", "tokenize_examples", "tokenize_preference",
+    "tokenize_prompt", "tokenize_ranking", "tokenize_sft", "train_eval_split",
+]

@@ -1,0 +1,181 @@
+"""Padding, packing and pair batches, checked through a real tiny Llama in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from posttrain.data import (
+    ChatExample,
+    PreferenceExample,
+    batches,
+    collate_pairs,
+    collate_prompts,
+    collate_rankings,
+    collate_sft,
+    num_batches,
+    pack_sft,
+    tokenize_preference,
+    tokenize_ranking,
+    tokenize_sft,
+    train_eval_split,
+)
+from posttrain.data.formats import RankingExample
+
+IGNORE = -100
+
+
+def chat(*turns):
+    roles = ["user", "assistant"] * len(turns)
+    return ChatExample([{"role": r, "content": c} for r, c in zip(roles, turns)])
+
+
+CHATS = [chat("hi", "hello friend"), chat("What is 2 + 3 ?", "5"), chat("hi", "see you", "bye", "bye"),
+         chat("a good film ?", "yes it was a great movie"), chat("one", "two three")]
+
+
+def tiny_llama(vocab_size, attn):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attn_implementation=attn)
+    return LlamaForCausalLM(config).double()
+
+
+def summed_nll(model, input_ids, labels, **kw):
+    """Sum over targets of -log p(token t+1 | <= t): a sum, so packed and padded layouts are directly comparable."""
+    logits = model(input_ids=input_ids, **kw).logits[:, :-1]  # (B, T-1, V)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+
+
+def test_collate_sft_right_pads(tok):
+    items = [tokenize_sft(tok, ex, "assistant", 64) for ex in CHATS[:2]]
+    b = collate_sft(items, tok.pad_token_id)
+    n0, n1 = len(items[0]["input_ids"]), len(items[1]["input_ids"])
+    assert b.input_ids.shape == (2, max(n0, n1))
+    short = 0 if n0 < n1 else 1
+    n = min(n0, n1)
+    assert (b.input_ids[short, n:] == tok.pad_token_id).all() and (b.labels[short, n:] == IGNORE).all()
+    assert b.attention_mask.sum(1).tolist() == [n0, n1]
+    assert b.position_ids[short, :n].tolist() == list(range(n))
+    assert b.num_targets == sum(sum(x != IGNORE for x in it["labels"][1:]) for it in items)
+
+
+def test_pack_sft_layout(tok):
+    """Lengths 9, 13, 17, 16, 9 (loss_on all), rows of 32, first fit: 9 + 13 = 22 in row 1; 17 does not fit (39), row 2;
+    16 fits neither (38, 33), row 3; the last 9 fits row 1 (31). With 2 rows per batch, row 2 (17) is filled to 31
+    with a 14-token padding sequence (positions 0..13, no labels)."""
+    items = [tokenize_sft(tok, ex, "all", 64) for ex in CHATS]
+    packed = pack_sft(items, 32, pad_id=tok.pad_token_id, rows_per_batch=2)
+    rows = [(b.input_ids[r], b.labels[r], b.position_ids[r]) for b in packed for r in range(b.input_ids.shape[0])]
+    assert all(b.attention_mask is None and b.input_ids.shape[1] <= 32 for b in packed)
+    assert [b.input_ids.shape for b in packed] == [(2, 31), (1, 16)]
+    assert packed[0].position_ids[1].tolist() == list(range(17)) + list(range(14))
+    starts = [(i, j) for i, (_, _, pos) in enumerate(rows) for j in range(len(pos)) if pos[j] == 0]
+    # Every sequence start (items and padding tails) has label -100: no target crosses a boundary.
+    assert all(rows[i][1][j] == IGNORE for i, j in starts)
+    total_real = sum((lab != IGNORE).sum().item() for _, lab, _ in rows)
+    assert total_real == sum(len(it["input_ids"]) - 1 for it in items)  # loss_on all: every token but the first
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packing_gives_the_same_loss_and_gradients(tok, attn):
+    """Summed NLL and its gradients, packed (2 rows/batch, position-id resets, no attention_mask) vs right-padded,
+    agree to 1e-10 in float64. loss_on=all makes each sequence's first token a label, which packing must mask."""
+    model = tiny_llama(len(tok), attn)
+    items = [tokenize_sft(tok, ex, "all", 64) for ex in CHATS]
+
+    padded = collate_sft(items, tok.pad_token_id)
+    model.zero_grad()
+    loss_padded = summed_nll(model, padded.input_ids, padded.labels, attention_mask=padded.attention_mask,
+                             position_ids=padded.position_ids, use_cache=False)
+    loss_padded.backward()
+    grads_padded = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    loss_packed = torch.zeros((), dtype=torch.float64)
+    packed = pack_sft(items, 32, pad_id=tok.pad_token_id, rows_per_batch=2)
+    assert len(packed) < len(items)  # something actually got packed together
+    for b in packed:
+        inputs = b.model_inputs()
+        part = summed_nll(model, inputs.pop("input_ids"), b.labels, **inputs)
+        part.backward()
+        loss_packed = loss_packed + part.detach()
+    assert torch.allclose(loss_packed, loss_padded.detach(), atol=1e-10, rtol=0)
+    for g_pad, p in zip(grads_padded, model.parameters()):
+        assert torch.allclose(p.grad, g_pad, atol=1e-10, rtol=0)
+
+
+def pair_items(tok):
+    prompts = [[{"role": "user", "content": "What is 2 + 3 ?"}], [{"role": "user", "content": "hi"}]]
+    answers = [("5", "two three four"), ("hello friend see you", "no")]
+    return [tokenize_preference(tok, PreferenceExample(p, [{"role": "assistant", "content": c}],
+                                                       [{"role": "assistant", "content": r}]), 64)
+            for p, (c, r) in zip(prompts, answers)]
+
+
+def test_pairs_chosen_first_and_completion_mask_counts_completion_tokens(tok):
+    items = pair_items(tok)
+    b = collate_pairs(items, tok.pad_token_id)
+    assert b.input_ids.shape[0] == 4 and b.completion_mask.shape == (4, b.input_ids.shape[1] - 1)
+    lengths = [len(it["chosen_ids"]) for it in items] + [len(it["rejected_ids"]) for it in items]
+    assert b.completion_mask.sum(1).tolist() == lengths  # "5 <|im_end|>" = 2, "two three four <|im_end|>" = 4, ...
+    assert lengths == [2, 5, 4, 2]
+    # Row 0 is prompt 0 + chosen 0; its mask is on targets P-1 .. P+C-2, i.e. tokens P .. P+C-1.
+    p = len(items[0]["prompt_ids"])
+    assert b.input_ids[0, p: p + 2].tolist() == items[0]["chosen_ids"]
+    assert torch.nonzero(b.completion_mask[0]).flatten().tolist() == [p - 1, p]
+    assert b.margin is None
+
+
+def completion_logps(model, b):
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                   use_cache=False).logits[:, :-1]  # (N, T-1, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
+    return torch.where(b.completion_mask.bool(), logp, 0.0).sum(-1)  # (N,)
+
+
+def test_left_and_right_padding_give_the_same_logps(tok):
+    model = tiny_llama(len(tok), "sdpa")
+    items = pair_items(tok)
+    right = completion_logps(model, collate_pairs(items, tok.pad_token_id, "right"))
+    left = completion_logps(model, collate_pairs(items, tok.pad_token_id, "left"))
+    assert torch.isfinite(right).all()
+    assert torch.allclose(left, right, atol=1e-10, rtol=0)
+    alone = completion_logps(model, collate_pairs(items[:1], tok.pad_token_id))  # batch composition: no effect
+    assert torch.allclose(alone, right[[0, 2]], atol=1e-10, rtol=0)
+
+
+def test_rankings_make_all_k_choose_2_pairs(tok):
+    """K=3 gives pairs (0,1), (0,2), (1,2); a preference item after it adds (3,4). 3 + 1 = 4 pairs."""
+    prompt = [{"role": "user", "content": "hi"}]
+    ranking = tokenize_ranking(tok, RankingExample(prompt, [[{"role": "assistant", "content": w}]
+                                                            for w in ("great", "good", "bad")]), 64)
+    b = collate_rankings([ranking, pair_items(tok)[0]], tok.pad_token_id)
+    assert b.input_ids.shape[0] == 5
+    assert b.pairs.tolist() == [[0, 1], [0, 2], [1, 2], [3, 4]] and b.pair_group.tolist() == [0, 0, 0, 1]
+
+
+def test_prompts_are_left_padded(tok):
+    b = collate_prompts([[5, 6, 7], [8]], tok.pad_token_id)
+    assert b.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert b.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]] and b.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch():
+    items = list(range(10))
+    a = list(batches(items, 3, shuffle=True, seed=1, epoch=0))
+    assert a == list(batches(items, 3, shuffle=True, seed=1, epoch=0))
+    assert sorted(x for b in a for x in b) == items and [len(b) for b in a] == [3, 3, 3, 1]
+    assert a != list(batches(items, 3, shuffle=True, seed=1, epoch=1))
+    assert list(batches(items, 3, shuffle=True, seed=1, epoch=0, skip=2)) == a[2:]  # resume after 2 batches
+    assert list(batches(items, 3, shuffle=False, drop_last=True)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert num_batches(10, 3) == 4 and num_batches(10, 3, drop_last=True) == 3
+
+
+def test_train_eval_split():
+    train, held = train_eval_split(list(range(20)), 0.1, seed=0)
+    assert len(held) == 2 and sorted(train + held) == list(range(20))
+    assert train_eval_split(list(range(20)), 0.1, seed=0) == (train, held)
