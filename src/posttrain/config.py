@@ -99,6 +99,7 @@ class RewardConfig:
     weights: list[float] = opt([], "weights when several sources are given (model, function, task order)")
     clip: float = opt(0.0, "clip scores to [-clip, clip] (0 = off)")
     batch_size: int = opt(32, "sequences per reward-model forward pass")
+    label: str = opt("", "with a classifier as the reward model: the label whose logit is the reward (e.g. positive)")
 
 
 # --------------------------------------------------------------------------- commands

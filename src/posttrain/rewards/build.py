@@ -1,0 +1,67 @@
+"""``build_reward``: the reward source a run's ``reward.*`` config asks for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from posttrain.config import ConfigError, RewardConfig
+from posttrain.rewards.base import ClippedReward, CombinedReward, RewardSource
+from posttrain.rewards.function import FunctionReward
+from posttrain.rewards.model import ModelReward, has_tokenizer, reward_folder
+from posttrain.rewards.task import TaskReward
+
+
+def build_reward(
+    reward_cfg: RewardConfig,
+    *,
+    device: str | torch.device | None = None,
+    tokenizer: Any = None,
+    dtype: str = "auto",
+) -> RewardSource:
+    """One source from ``reward.model`` / ``reward.function`` / ``reward.task``.
+
+    Several given: their weighted sum, with ``reward.weights`` in that order (1.0 each when empty).
+    A single source with one weight is scaled by it. ``reward.clip > 0`` clips after combining.
+    ``tokenizer`` is used only for a reward-model folder that has no tokenizer of its own.
+    """
+    sources: list[RewardSource] = []
+    if reward_cfg.model:
+        folder = reward_folder(reward_cfg.model)
+        own = has_tokenizer(folder)
+        if not own and tokenizer is None:
+            raise ConfigError(f"reward.model: {folder} has no tokenizer files and none was given")
+        sources.append(
+            ModelReward(
+                folder,
+                None if own else tokenizer,
+                device=device,
+                batch_size=reward_cfg.batch_size,
+                dtype=dtype,
+                # `reward.label` (a classifier's label used as the reward) is asked of the config
+                # owner; until the key exists, reward models with one output need none.
+                label=(reward_cfg.label or None),
+            )
+        )
+    if reward_cfg.function:
+        sources.append(FunctionReward(reward_cfg.function))
+    if reward_cfg.task:
+        sources.append(TaskReward(reward_cfg.task))
+    if not sources:
+        raise ConfigError("no reward source: set reward.model / reward.function / reward.task")
+
+    weights = list(reward_cfg.weights)
+    if weights and len(weights) != len(sources):
+        names = ", ".join(s.name for s in sources)
+        raise ConfigError(f"reward.weights has {len(weights)} values for {len(sources)} sources ({names}); give one per source in model, function, task order")
+    source: RewardSource
+    if len(sources) == 1 and (not weights or weights[0] == 1.0):
+        source = sources[0]
+    else:
+        source = CombinedReward(list(zip(sources, weights or [1.0] * len(sources))))
+    if reward_cfg.clip < 0:
+        raise ConfigError(f"reward.clip must be >= 0 (0 = off), got {reward_cfg.clip}")
+    if reward_cfg.clip > 0:
+        source = ClippedReward(source, reward_cfg.clip)
+    return source
