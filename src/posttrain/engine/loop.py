@@ -1,0 +1,134 @@
+"""The supervised loop shared by SFT, reward modelling and offline DPO.
+
+A recipe gives the tokenized items and three functions — ``collate(items) -> batch``,
+``loss_fn(model, batch) -> (loss_sum, stats)`` and ``count_fn(batch) -> int`` — and gets the loop:
+epochs in a seeded order, the global batch split over ranks and micro-batches, one exactly
+normalised optimizer step (:func:`posttrain.engine.step.train_step`), logging, evaluation,
+checkpoints, resume, and a clean stop on SIGTERM / Ctrl-C.
+
+Data order. Each epoch's order is a function of (seed, epoch) only. Optimizer step s of an epoch
+takes the global chunk ``order[s*G:(s+1)*G]`` with G = batch_size * grad_accum * world_size; rank
+r takes the r-th slice of batch_size * grad_accum items and cuts it into grad_accum micro-batches.
+So 1 process with batch 4 and 2 processes with batch 2 see the same rows in every step, and a
+resumed run restarts exactly where the checkpoint was taken. With several processes a short last
+chunk is dropped (every rank must run the same number of micro-batches); with one it is a
+shorter step, which the exact normalisation makes a correct one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from posttrain.engine.checkpoint import resolve_resume
+from posttrain.engine.dist import unwrap
+from posttrain.engine.logging import Progress
+from posttrain.engine.run import RunContext, autocast_dtype
+from posttrain.engine.signals import StopSignal
+from posttrain.engine.step import train_step
+
+
+@dataclass
+class FitResult:
+    step: int
+    stopped: bool  # True when a signal ended the run early (a checkpoint was saved)
+    last_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+
+
+def steps_per_epoch(n_items: int, cfg: Any, world_size: int) -> int:
+    global_batch = int(cfg.batch_size) * int(cfg.grad_accum) * world_size
+    if world_size > 1:
+        return max(1, n_items // global_batch)
+    return max(1, math.ceil(n_items / global_batch))
+
+
+def total_steps(n_items: int, cfg: Any, world_size: int) -> int:
+    if int(cfg.max_steps) > 0:
+        return int(cfg.max_steps)
+    return max(1, math.ceil(float(cfg.num_epochs) * steps_per_epoch(n_items, cfg, world_size)))
+
+
+def step_items(items: Sequence[Any], cfg: Any, *, rank: int, world_size: int, epoch: int, step_in_epoch: int) -> list[list[Any]]:
+    """This rank's micro-batches (lists of items) for one optimizer step (module doc)."""
+    from posttrain.data import epoch_order
+
+    order = epoch_order(len(items), shuffle=bool(cfg.data.shuffle), seed=int(cfg.seed), epoch=epoch)
+    per_rank = int(cfg.batch_size) * int(cfg.grad_accum)
+    start = step_in_epoch * per_rank * world_size + rank * per_rank
+    mine = [items[i] for i in order[start: start + per_rank]]
+    bs = int(cfg.batch_size)
+    return [mine[i: i + bs] for i in range(0, len(mine), bs)]
+
+
+def fit(
+    run: RunContext,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    items: Sequence[Any],
+    *,
+    collate: Callable[[list[Any]], Any],
+    loss_fn: Callable[[nn.Module, Any], Any],
+    count_fn: Callable[[Any], int],
+    tokens_fn: Callable[[Any], int],
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    tokenizer: Any = None,
+) -> FitResult:
+    cfg, dist = run.cfg, run.dist
+    n_steps = total_steps(len(items), cfg, dist.world_size)
+    per_epoch = steps_per_epoch(len(items), cfg, dist.world_size)
+    step = 0
+    resume_from = resolve_resume(cfg.resume, run.output_dir)
+    if resume_from is not None:
+        state = run.checkpointer.load(resume_from, model=unwrap(model), optimizer=optimizer, scheduler=scheduler)
+        step = int(state["step"])
+        if dist.is_main:
+            print(f"resumed from {resume_from} at step {step}", flush=True)
+    amp = autocast_dtype(cfg, dist.device)
+    log_every = max(1, int(cfg.logging.steps))
+    eval_every = int(cfg.logging.eval_steps) or per_epoch
+    save_every = int(cfg.save.steps)
+    last: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    window_tokens, window_start = 0, time.perf_counter()
+    progress = Progress(n_steps, desc=run.command, enabled=dist.is_main and bool(cfg.logging.progress), initial=step)
+    with StopSignal() as stop, progress:
+        while step < n_steps:
+            epoch, in_epoch = divmod(step, per_epoch)
+            groups = step_items(items, cfg, rank=dist.rank, world_size=dist.world_size, epoch=epoch, step_in_epoch=in_epoch)
+            micro = [collate(g) for g in groups if g]
+            model.train()
+            metrics = train_step(model, micro, loss_fn, optimizer, scheduler, max_grad_norm=float(cfg.max_grad_norm),
+                                 dist=dist, count_fn=count_fn, autocast_dtype=amp, step=step + 1)
+            step += 1
+            window_tokens += sum(tokens_fn(b) for b in micro) * dist.world_size
+            progress.update(1, loss=metrics["loss"])
+            if step % log_every == 0 or step == n_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                metrics["tokens_per_second"] = window_tokens / elapsed
+                window_tokens, window_start = 0, time.perf_counter()
+                metrics.pop("count", None)
+                last = run.logger.log(metrics, step=step, epoch=step / per_epoch)
+            if evaluate is not None and (step % eval_every == 0 or step == n_steps):
+                model.eval()
+                with torch.no_grad():
+                    eval_metrics = evaluate(model)
+                run.logger.log(eval_metrics, step=step, epoch=step / per_epoch)
+                if dist.is_main:
+                    progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
+            stopping = stop.should_stop(dist)
+            if (save_every and step % save_every == 0 and step < n_steps) or stopping:
+                run.checkpointer.save(step, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
+                                      extra={"epoch": epoch}, tokenizer=tokenizer)
+            if stopping:
+                if dist.is_main:
+                    progress.write(f"{stop.name or 'signal'}: saved checkpoint at step {step}; resume with resume=auto")
+                return FitResult(step, True, last, eval_metrics)
+    return FitResult(step, False, last, eval_metrics)

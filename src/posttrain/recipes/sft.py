@@ -1,0 +1,138 @@
+"""Supervised fine-tuning: `posttrain sft`.
+
+Two forms (seed, "SFT"):
+
+- ``task: causal_lm`` — instruction tuning. Minimise the negative log-likelihood of the target tokens
+  (assistant turns by default, ``loss_on``), the end-of-turn EOS included so the model learns to stop.
+  The loss is a token mean over the whole optimizer step: sum of NLL over every target token of every
+  micro-batch on every rank, divided by the global count of target tokens (engine/step.py). With
+  ``packing`` several sequences share a row, with positions restarting per sequence and no attention
+  across them, so the loss and gradients equal the padded batch's (tests/data/test_collate.py).
+- ``task: classification`` — transfer learning: the pre-trained backbone plus a new, randomly
+  initialised classification head (``num_labels``; label names kept in the saved config). Train the
+  head and the top ``freeze.trainable_layers`` blocks (or everything, or LoRA); cross-entropy is a
+  sequence mean over the step. Reports accuracy and macro-F1 on ``data.eval``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+
+from posttrain.config import SFTConfig
+from posttrain.data import IGNORE, collate_classification, collate_sft, pack_sft
+from posttrain.engine import setup_run, unwrap
+from posttrain.engine.loop import fit
+from posttrain.errors import PosttrainError
+from posttrain.losses import sft_loss
+from posttrain.models import load_causal_lm, load_sequence_classifier, load_tokenizer, save_pretrained_atomic, token_logprobs
+from posttrain.recipes.common import load_data, prepare_trainable
+
+
+# --------------------------------------------------------------------------- causal LM
+
+
+def lm_loss(model, batch):
+    """Sum of per-token NLL over the batch's target tokens (normalised by the engine)."""
+    logp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids)  # (B, T-1)
+    mask = (batch.labels[:, 1:] != IGNORE).to(logp.dtype)  # (B, T-1): position t predicts token t+1
+    return sft_loss(logp, mask).sum(), {}
+
+
+def lm_batches(items, cfg, pad_id, device):
+    """`collate` for the loop: a right-padded batch, or the same items packed into rows."""
+    def collate(group):
+        if cfg.packing:
+            (batch,) = pack_sft(group, cfg.max_length, pad_id=pad_id, rows_per_batch=len(group))
+        else:
+            batch = collate_sft(group, pad_id)
+        return batch.to(device)
+    return collate
+
+
+def lm_evaluate(items, cfg, pad_id, device):
+    def evaluate(model):
+        nll, n = 0.0, 0
+        for i in range(0, len(items), cfg.batch_size):
+            batch = collate_sft(items[i: i + cfg.batch_size], pad_id).to(device)
+            loss_sum, _ = lm_loss(model, batch)
+            nll += float(loss_sum)
+            n += batch.num_targets
+        mean = nll / max(n, 1)
+        return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
+    return evaluate
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def cls_loss(model, batch):
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # (B, C)
+    loss = F.cross_entropy(logits.float(), batch.labels, reduction="sum")
+    correct = (logits.argmax(-1) == batch.labels).sum()
+    return loss, {"accuracy": correct}
+
+
+def cls_evaluate(items, cfg, pad_id, device, num_labels):
+    from posttrain.eval.metrics import macro_f1
+
+    def evaluate(model):
+        preds, labels, loss = [], [], 0.0
+        for i in range(0, len(items), cfg.batch_size):
+            batch = collate_classification(items[i: i + cfg.batch_size], pad_id).to(device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            loss += float(F.cross_entropy(logits.float(), batch.labels, reduction="sum"))
+            preds += logits.argmax(-1).tolist()
+            labels += batch.labels.tolist()
+        acc = sum(p == t for p, t in zip(preds, labels)) / max(len(labels), 1)
+        return {"eval_loss": loss / max(len(labels), 1), "eval_accuracy": acc,
+                "eval_macro_f1": macro_f1(preds, labels, num_labels=num_labels)}
+    return evaluate
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def main(cfg: SFTConfig) -> dict:
+    if cfg.task not in ("causal_lm", "classification"):
+        raise PosttrainError(f"`task` must be causal_lm or classification, got {cfg.task!r}")
+    run = setup_run(cfg, "sft")
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    device = run.device
+
+    if cfg.task == "causal_lm":
+        data = load_data(cfg, tok, "sft", loss_on=cfg.loss_on, verbose=run.dist.is_main)
+        model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, tokenizer=tok,
+                               gradient_checkpointing=cfg.gradient_checkpointing)
+        task_type = "causal_lm"
+        collate = lm_batches(data.train, cfg, tok.pad_token_id, device)
+        loss_fn = lm_loss
+        count_fn = lambda b: int((b.labels[:, 1:] != IGNORE).sum())  # noqa: E731 - target tokens
+        tokens_fn = lambda b: int((b.input_ids != tok.pad_token_id).sum()) if b.attention_mask is None else int(b.attention_mask.sum())  # noqa: E731
+        evaluate = lm_evaluate(data.eval, cfg, tok.pad_token_id, device) if data.eval else None
+    else:
+        data = load_data(cfg, tok, "classification", verbose=run.dist.is_main)
+        num_labels = cfg.num_labels or len(data.id2label)
+        if num_labels < len(data.id2label):
+            raise PosttrainError(f"`num_labels` is {num_labels} but the data has {len(data.id2label)} labels: "
+                                 f"{sorted(data.id2label.values())}")
+        names = [data.id2label.get(i, str(i)) for i in range(num_labels)]
+        model = load_sequence_classifier(cfg.model, num_labels=num_labels, id2label=names, dtype=cfg.dtype,
+                                         device=device, tokenizer=tok, gradient_checkpointing=cfg.gradient_checkpointing)
+        task_type = "seq_cls"
+        collate = lambda g: collate_classification(g, tok.pad_token_id).to(device)  # noqa: E731
+        loss_fn = cls_loss
+        count_fn = lambda b: int(b.labels.numel())  # noqa: E731 - sequences
+        tokens_fn = lambda b: int(b.attention_mask.sum())  # noqa: E731
+        evaluate = cls_evaluate(data.eval, cfg, tok.pad_token_id, device, num_labels) if data.eval else None
+
+    run.logger.log(data.summary, step=0)
+    model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type=task_type, n_items=len(data.train))
+    result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=loss_fn, count_fn=count_fn,
+                 tokens_fn=tokens_fn, evaluate=evaluate, tokenizer=tok)
+    if not result.stopped and run.dist.is_main:
+        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
+        print(f"saved {out}", flush=True)
+    run.close()
+    return {"step": result.step, "stopped": result.stopped, **result.last_metrics, **result.eval_metrics}
