@@ -17,7 +17,6 @@ shorter step, which the exact normalisation makes a correct one.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from torch import nn
 from posttrain.engine.checkpoint import resolve_resume
 from posttrain.engine.dist import unwrap
 from posttrain.engine.logging import Progress
+from posttrain.engine.optim import steps_per_epoch, total_steps_for
 from posttrain.engine.run import RunContext, autocast_dtype
 from posttrain.engine.signals import StopSignal
 from posttrain.engine.step import train_step
@@ -40,19 +40,6 @@ class FitResult:
     stopped: bool  # True when a signal ended the run early (a checkpoint was saved)
     last_metrics: dict[str, float]
     eval_metrics: dict[str, float]
-
-
-def steps_per_epoch(n_items: int, cfg: Any, world_size: int) -> int:
-    global_batch = int(cfg.batch_size) * int(cfg.grad_accum) * world_size
-    if world_size > 1:
-        return max(1, n_items // global_batch)
-    return max(1, math.ceil(n_items / global_batch))
-
-
-def total_steps(n_items: int, cfg: Any, world_size: int) -> int:
-    if int(cfg.max_steps) > 0:
-        return int(cfg.max_steps)
-    return max(1, math.ceil(float(cfg.num_epochs) * steps_per_epoch(n_items, cfg, world_size)))
 
 
 def step_items(items: Sequence[Any], cfg: Any, *, rank: int, world_size: int, epoch: int, step_in_epoch: int) -> list[list[Any]]:
@@ -82,7 +69,7 @@ def fit(
     tokenizer: Any = None,
 ) -> FitResult:
     cfg, dist = run.cfg, run.dist
-    n_steps = total_steps(len(items), cfg, dist.world_size)
+    n_steps = total_steps_for(len(items), cfg, dist.world_size)
     per_epoch = steps_per_epoch(len(items), cfg, dist.world_size)
     step = 0
     resume_from = resolve_resume(cfg.resume, run.output_dir)

@@ -12,7 +12,7 @@ from torch import nn
 
 from posttrain.data import DataStats, label_maps, load_examples, tokenize_examples, train_eval_split
 from posttrain.engine import RunContext, build_optimizer, build_scheduler, wrap_model
-from posttrain.engine.loop import total_steps
+from posttrain.engine import total_steps_for
 from posttrain.errors import DataError
 from posttrain.models import apply_freeze, apply_lora, count_parameters
 
@@ -62,7 +62,8 @@ def prepare_trainable(cfg: Any, run: RunContext, model: nn.Module, *, task_type:
     if run.dist.is_main:
         print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
               f"({100 * trainable / max(total, 1):.1f}%)", flush=True)
+    model = wrap_model(model, run.dist)  # before the optimizer: FSDP2 replaces the parameters
     optimizer = build_optimizer(model, cfg)
-    n_steps = total_steps(n_items, cfg, run.dist.world_size)
+    n_steps = total_steps_for(n_items, cfg, run.dist.world_size)
     scheduler = build_scheduler(optimizer, cfg, n_steps)
-    return wrap_model(model, run.dist), optimizer, scheduler, n_steps
+    return model, optimizer, scheduler, n_steps

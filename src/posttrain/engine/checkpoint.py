@@ -1,0 +1,289 @@
+"""Atomic checkpoints: ``output_dir/checkpoints/step-N/``, resumable to the bit.
+
+A checkpoint folder holds
+    the model          ``save_pretrained`` layout (a PEFT model writes its adapter), or
+                       ``model.safetensors`` of the state dict for a plain module;
+    optimizer.pt, scheduler.pt;
+    rng.pt             python, numpy, torch and CUDA generator states;
+    trainer_state.json ``{"step": N, **extra}`` (epoch, data position, metrics ...), written last.
+
+Atomicity: everything is written into ``checkpoints/.tmp-step-N`` and that folder is renamed to
+``step-N`` with ``os.replace`` only once complete. A kill at any moment leaves either no
+``step-N`` or a complete one, and older checkpoints are removed (rotation) only after the new one
+is in place. Only rank 0 writes; every rank calls :meth:`Checkpointer.save` (it ends with a
+collective, so no rank reads a checkpoint that is not finished).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from posttrain.config import ConfigError
+from posttrain.engine.dist import broadcast_object, is_fsdp, unwrap
+from posttrain.errors import TrainingError
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _rank() -> int:
+    d = torch.distributed
+    return d.get_rank() if d.is_available() and d.is_initialized() else 0
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Generator states of python, numpy, torch (CPU) and every CUDA device."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_python(state: Any) -> Any:
+    """``random.getstate`` is a nested tuple; torch.load(weights_only) gives it back as lists."""
+    return tuple(_to_python(s) for s in state) if isinstance(state, (list, tuple)) else state
+
+
+# --------------------------------------------------------------------------- model state
+
+
+def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict | None, dict | None]:
+    """For FSDP2, the gathered full model and optimizer state dicts (a collective: every rank)."""
+    if not is_fsdp(model):
+        return None, optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return model_sd, optim_sd
+
+
+def _write_model(model: nn.Module, folder: Path, state_dict: dict | None) -> None:
+    inner = unwrap(model)
+    if hasattr(inner, "save_pretrained"):
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        inner.save_pretrained(str(folder), **kwargs)
+    elif state_dict is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / "model.safetensors"))
+    else:
+        save_model(inner, str(folder / "model.safetensors"))
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise TrainingError(f"{folder}: no model weights (*.safetensors) in the checkpoint")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def _load_model(model: nn.Module, folder: Path) -> None:
+    inner = unwrap(model)
+    state = _read_weights(folder)
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    if hasattr(inner, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(inner, state)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise TrainingError(f"{folder}: adapter weights do not fit the model: {unexpected[:5]}")
+        return
+    missing, unexpected = inner.load_state_dict(state, strict=False)
+    # save_pretrained drops tied copies (lm_head = embeddings): those may be missing, nothing else.
+    params = dict(inner.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise TrainingError(
+            f"{folder}: checkpoint weights do not fit the model (missing {untied[:5]}, unexpected {list(unexpected)[:5]})"
+        )
+
+
+# --------------------------------------------------------------------------- checkpointer
+
+
+class Checkpointer:
+    """Saves and finds ``output_dir/checkpoints/step-N``; keeps the ``keep`` newest (``keep <= 0``: all)."""
+
+    def __init__(self, output_dir: str | Path, keep: int = 2):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep = int(keep)
+
+    def steps(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first."""
+        return list_checkpoints(self.root)
+
+    def latest(self) -> Path | None:
+        found = self.steps()
+        return found[-1][1] if found else None
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        extra: dict[str, Any] | None = None,
+        tokenizer: Any = None,
+    ) -> Path:
+        """Write ``step-N`` atomically (module doc). Every rank calls this; rank 0 writes."""
+        final = self.root / f"step-{int(step)}"
+        model_sd, optim_sd = _full_state(model, optimizer)
+        error: str | None = None
+        if _rank() == 0:
+            try:
+                self._write(final, int(step), model, model_sd, optim_sd, scheduler, extra or {}, tokenizer)
+            except Exception as e:  # reported on every rank below, so no rank waits forever
+                error = f"{type(e).__name__}: {e}"
+        # The broadcast doubles as the barrier: no rank goes on before the folder is complete.
+        error = broadcast_object(error)
+        if error is not None:
+            raise TrainingError(f"saving checkpoint {final} failed: {error}")
+        return final
+
+    def _write(self, final: Path, step: int, model, model_sd, optim_sd, scheduler, extra, tokenizer) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-step-{step}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            _write_model(model, tmp, model_sd)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            if optim_sd is not None:
+                torch.save(optim_sd, tmp / "optimizer.pt")
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            text = json.dumps({"step": step, **extra}, indent=2)
+            (tmp / STATE_FILE).write_text(text)
+            if final.exists():
+                # Re-saving a step (after a resume): move the old one aside, never delete it first.
+                old = self.root / f".old-step-{step}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._rotate()
+
+    def _rotate(self) -> None:
+        if self.keep <= 0:
+            return
+        for _, path in self.steps()[: -self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load(
+        self,
+        path: str | Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+    ) -> dict[str, Any]:
+        """Restore the model, optimizer, scheduler and RNG from ``path``; return trainer_state."""
+        return load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> dict[str, Any]:
+    """Restore a ``step-N`` folder written by :class:`Checkpointer`; return its trainer_state dict."""
+    folder = Path(path)
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        raise TrainingError(f"{folder}: not a complete checkpoint (no {STATE_FILE})")
+    _load_model(model, folder)
+    if optimizer is not None and (folder / "optimizer.pt").is_file():
+        optim_sd = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        if is_fsdp(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(optim_sd)
+    if scheduler is not None and (folder / "scheduler.pt").is_file():
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    rng = torch.load(folder / "rng.pt", weights_only=True)
+    rng["python"] = _to_python(rng["python"])
+    set_rng_state(rng)
+    return json.loads(state_file.read_text())
+
+
+def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: ``auto`` -> latest in output_dir (or None), ``false`` -> None,
+    a path -> that checkpoint (a run folder resolves to its latest checkpoint)."""
+    value = str(resume).strip() if resume is not None else ""
+    if value.lower() in ("", "false", "no", "none", "0"):
+        return None
+    if value.lower() == "auto":
+        found = list_checkpoints(Path(output_dir) / "checkpoints")
+        return found[-1][1] if found else None
+    path = Path(value)
+    if (path / STATE_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1][1]
+    raise ConfigError(f"`resume`: {path} is not a checkpoint (no {STATE_FILE}) and holds none")

@@ -1,0 +1,167 @@
+"""torch.distributed in one place: process group set-up, collectives, model wrapping.
+
+One code path serves one process (CPU or one GPU) and ``torchrun --nproc_per_node N``:
+every helper here is a no-op or an identity when there is a single process, so a recipe
+calls them unconditionally. On CPU the gloo backend runs the same collectives, which is how
+the tests check multi-process behaviour on a laptop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job. ``is_main`` is rank 0: the only writer of files."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _active() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group described by torchrun's environment, or run as one process.
+
+    torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (and the rendezvous address);
+    without them this is a single process on ``cuda`` when available, else ``cpu``.
+    The backend is nccl when CUDA is available, gloo otherwise.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world_size > 1:
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        if not torch_dist.is_initialized():
+            device_id = torch.device("cuda", local_rank) if cuda else None
+            torch_dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device_id)
+        rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_main=rank == 0)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over all ranks (a new tensor; ``t`` itself is left alone)."""
+    out = t.detach().clone()
+    if _active():
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Maximum of ``t`` over all ranks (a new tensor)."""
+    out = t.detach().clone()
+    if _active():
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` has it, on every rank (picklable objects only)."""
+    if not _active():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    if _active():
+        torch_dist.barrier()
+
+
+def destroy() -> None:
+    """Leave the process group (end of a run)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """Transformer blocks: the modules HF marks as never to be split across devices."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def wrap_model(model: nn.Module, dist: DistInfo, strategy: str = "ddp") -> nn.Module:
+    """Make ``model`` data-parallel across the job's ranks.
+
+    ``ddp``: DistributedDataParallel (every rank holds all weights; gradients are averaged).
+    ``fsdp``: FSDP2 (``fully_shard``) on CUDA — each transformer block, then the root, is
+    sharded, so weights, gradients and optimizer state are split across ranks. Gradients
+    are averaged over ranks too, so :func:`posttrain.engine.step.train_step` treats both
+    the same. With one process the model is returned as is.
+    """
+    if not dist.distributed:
+        return model
+    if strategy == "fsdp":
+        if dist.device.type != "cuda":
+            raise ValueError("strategy 'fsdp' needs CUDA; use 'ddp' on CPU (gloo)")
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if strategy != "ddp":
+        raise ValueError(f"unknown data-parallel strategy {strategy!r}; use 'ddp' or 'fsdp'")
+    device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (FSDP2 shards in place, so it is the module)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def is_parallel(model: nn.Module) -> bool:
+    """True when gradients of ``model`` are averaged over ranks (DDP or FSDP2)."""
+    return isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "set_requires_gradient_sync")
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the cross-rank gradient reduction inside the block unless ``enabled``.
+
+    Gradient accumulation only needs the reduction on the last micro-step; the earlier ones
+    accumulate locally (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync``).
+    """
+    if enabled:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield

@@ -1,0 +1,84 @@
+"""Run set-up shared by every training recipe: processes, seeds, output folder, config, logger."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from posttrain.config import save_config, to_dict
+from posttrain.engine.checkpoint import Checkpointer
+from posttrain.engine.dist import DistInfo, barrier, destroy, init_distributed
+from posttrain.engine.logging import MetricsLogger
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device). Every rank gets the same seed: the same init
+    and the same data order; ranks then take disjoint slices of that order."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(cfg: Any, device: torch.device) -> torch.dtype | None:
+    """Mixed-precision compute dtype for ``torch.autocast``: only on CUDA.
+
+    ``auto`` and ``bfloat16`` -> bfloat16 where the GPU supports it; ``float16`` -> float16
+    (use a ``torch.amp.GradScaler`` with it); ``float32`` or a CPU -> None (no autocast).
+    """
+    if device.type != "cuda":
+        return None
+    name = str(getattr(cfg, "dtype", "auto"))
+    if name in ("auto", "bfloat16"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else (torch.float16 if name == "bfloat16" else None)
+    if name == "float16":
+        return torch.float16
+    return None
+
+
+@dataclass
+class RunContext:
+    """What a recipe needs around its loop."""
+
+    cfg: Any
+    command: str
+    dist: DistInfo
+    output_dir: Path
+    logger: MetricsLogger
+    checkpointer: Checkpointer
+    device: torch.device
+
+    def close(self) -> None:
+        """Flush the logs and leave the process group."""
+        self.logger.close()
+        barrier()
+        destroy()
+
+
+def setup_run(cfg: Any, command: str) -> RunContext:
+    """Join the process group, seed everything from ``cfg.seed``, create ``cfg.output_dir``,
+    write the resolved ``config.yaml`` (rank 0) and open the metrics logger."""
+    dist = init_distributed()
+    seed_everything(int(getattr(cfg, "seed", 0)))
+    output_dir = Path(cfg.output_dir)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    barrier()
+    logging_cfg = getattr(cfg, "logging", None)
+    report_to = list(getattr(logging_cfg, "report_to", ["jsonl"]))
+    logger = MetricsLogger(output_dir, report_to, dist.is_main, run_name=f"{command}:{output_dir.name}", config=to_dict(cfg))
+    keep = int(getattr(getattr(cfg, "save", None), "keep", 2))
+    return RunContext(
+        cfg=cfg,
+        command=command,
+        dist=dist,
+        output_dir=output_dir,
+        logger=logger,
+        checkpointer=Checkpointer(output_dir, keep),
+        device=dist.device,
+    )
