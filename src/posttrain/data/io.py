@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,27 @@ def load_rows(sources: list[str] | str) -> list[Row]:
     return rows
 
 
+def task_file(source: str) -> Path:
+    """`task:NAME/FILE` -> the file of a built-in task (default settings, seed 0), generated on first use under
+    `$POSTTRAIN_CACHE` (default `~/.cache/posttrain`). Lets example configs run with no data on disk."""
+    from posttrain.tasks import get_task
+
+    spec = source[len("task:"):]
+    name, _, file = spec.partition("/")
+    if not file:
+        raise DataError("a task source is `task:NAME/FILE`, e.g. `task:arithmetic/sft.jsonl`", source=source)
+    folder = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain")) / "tasks" / f"{name}-seed0"
+    path = folder / file
+    if not path.is_file():
+        get_task(name).generate(folder, seed=0)
+    if not path.is_file():
+        raise DataError(f"task {name!r} writes no file {file!r}", source=source)
+    return path
+
+
 def _load_source(source: str) -> list[Row]:
+    if source.startswith("task:"):
+        return [Row(source, r.index, r.data) for r in _load_source(str(task_file(source)))]
     path = Path(source).expanduser()
     if path.is_dir():
         rows = _read_saved_dataset(path, source)

@@ -86,6 +86,12 @@ def fit(
     eval_metrics: dict[str, float] = {}
     window_tokens, window_start = 0, time.perf_counter()
     progress = Progress(n_steps, desc=run.command, enabled=dist.is_main and bool(cfg.logging.progress), initial=step)
+    if evaluate is not None and step == 0:
+        # The untrained model's numbers, so every curve starts from the same baseline.
+        model.eval()
+        with torch.no_grad():
+            eval_metrics = evaluate(model)
+        run.logger.log(eval_metrics, step=0, epoch=0.0)
     with StopSignal() as stop, progress:
         while step < n_steps:
             epoch, in_epoch = divmod(step, per_epoch)

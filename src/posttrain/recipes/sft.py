@@ -74,7 +74,7 @@ def cls_loss(model, batch):
     return loss, {"accuracy": correct}
 
 
-def cls_evaluate(items, cfg, pad_id, device, num_labels):
+def cls_evaluate(items, cfg, pad_id, device):
     from posttrain.eval.metrics import macro_f1
 
     def evaluate(model):
@@ -87,7 +87,7 @@ def cls_evaluate(items, cfg, pad_id, device, num_labels):
             labels += batch.labels.tolist()
         acc = sum(p == t for p, t in zip(preds, labels)) / max(len(labels), 1)
         return {"eval_loss": loss / max(len(labels), 1), "eval_accuracy": acc,
-                "eval_macro_f1": macro_f1(preds, labels, num_labels=num_labels)}
+                "eval_macro_f1": macro_f1(preds, labels)}
     return evaluate
 
 
@@ -125,7 +125,7 @@ def main(cfg: SFTConfig) -> dict:
         loss_fn = cls_loss
         count_fn = lambda b: int(b.labels.numel())  # noqa: E731 - sequences
         tokens_fn = lambda b: int(b.attention_mask.sum())  # noqa: E731
-        evaluate = cls_evaluate(data.eval, cfg, tok.pad_token_id, device, num_labels) if data.eval else None
+        evaluate = cls_evaluate(data.eval, cfg, tok.pad_token_id, device) if data.eval else None
 
     run.logger.log(data.summary, step=0)
     model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type=task_type, n_items=len(data.train))
