@@ -71,3 +71,9 @@ def test_cli_reports_config_errors(capsys):
     assert main(["sft", "--help"]) == 0
     assert "loss_on" in capsys.readouterr().out
     assert main(["nope"]) == 2
+
+
+def test_prompts_with_equals_signs_stay_positional():
+    _, ov, _ = parse_args("generate", ["What is 1+2=?", "rollout.temperature=0"])
+    cfg = load_config(COMMANDS["generate"], None, ov)
+    assert cfg.prompt == ["What is 1+2=?"] and cfg.rollout.temperature == 0

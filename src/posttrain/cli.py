@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -30,6 +31,9 @@ ENTRY = {
     "task": "posttrain.tasks:main",
     "report": "posttrain.report:main",
 }
+
+# `key=value` only when the left side looks like a (dotted) key, so a prompt such as "1+2=?" stays positional
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\+?$")
 
 # bare positional words (not a .yaml file, not key=value) fill these keys in order
 POSITIONAL = {
@@ -90,7 +94,7 @@ def parse_args(command: str, argv: list[str]) -> tuple[str | None, list[str], in
                 overrides.append(f"{name}={argv[i]}")
             else:
                 raise ConfigError(f"option `{a}` needs a value")
-        elif "=" in a and not a.startswith("/"):
+        elif "=" in a and _KEY.match(a.split("=", 1)[0]):
             overrides.append(a)
         elif path is None and a.endswith((".yaml", ".yml")):
             path = a
