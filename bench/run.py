@@ -1,0 +1,729 @@
+"""posttrain against its peers (TRL) on identical work; writes bench/results.md.
+
+    .venv/bin/python bench/run.py                    # everything, 3 repeats (make bench)
+    .venv/bin/python bench/run.py --quick            # smoke run: tiny scale, few steps, 1 repeat
+    .venv/bin/python bench/run.py --only sft,dpo --scales tiny,long --repeats 5
+
+For every recipe (sft, rm, dpo, ppo) and scale (tiny, small ~30M, long = SFT on 1-2k-token rows)
+it builds one model folder and one data file, runs ``posttrain RECIPE`` and the TRL peer on them
+with the same batch size, max length, steps, learning rate, seed, float32 and thread count,
+checks both did the same work, repeats each run ``--repeats`` times (alternating the two sides) and
+reports medians. See bench/README.md for how to read the tables.
+
+Measurements, the same for both sides:
+- wall time of the training loop, tokens, steps, final loss: from the JSON each side writes
+  (the peers: ``--out``; posttrain: ``$POSTTRAIN_BENCH_JSON``), same fields.
+- peak resident memory: the kernel's high-water mark of the child process, from ``os.wait4``'s
+  rusage (``ru_maxrss``; what ``/usr/bin/time -v`` prints as "Maximum resident set size").
+- hardware limit: best of a few float32 2048x2048 ``torch.mm`` at the same thread count;
+  achieved model FLOP/s = (FLOPs per token, see ``flops_per_token``) x tokens / wall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+import data as bench_data  # noqa: E402
+
+POSTTRAIN = ROOT / ".venv" / "bin" / "posttrain"
+PEERS = {  # recipe -> (venv, script)
+    "sft": (BENCH / ".venv-peers", BENCH / "peers" / "trl_sft.py"),
+    "rm": (BENCH / ".venv-peers", BENCH / "peers" / "trl_rm.py"),
+    "dpo": (BENCH / ".venv-peers", BENCH / "peers" / "trl_dpo.py"),
+    "ppo": (BENCH / ".venv-peers-ppo", BENCH / "peers" / "trl_ppo.py"),
+}
+RECIPES = ["sft", "rm", "dpo", "ppo"]
+UNIT = {"sft": "sequences", "rm": "pairs", "dpo": "pairs", "ppo": "episodes"}
+# the issue's targets: posttrain / peer on the recipe's headline throughput
+TARGETS = {"sft": ("tokens/s", 1.5), "dpo": ("pairs/s", 2.0), "ppo": ("episodes/s", 3.0)}
+TOKEN_TOLERANCE = 0.02  # token counts may differ by the chat-template / EOS handling, never by more than 2%
+
+
+@dataclass
+class Plan:
+    """The work of one (recipe, scale) pair; both sides get exactly these numbers."""
+
+    recipe: str
+    scale: str
+    model_size: str  # tiny | small
+    batch_size: int
+    steps: int
+    lr: float
+    rows_words: tuple[int, int] = (4, 120)
+    # PPO only
+    rollout_batch: int = 16
+    mini_batches: int = 2
+    ppo_epochs: int = 2
+    response_length: int = 32
+
+
+def plans(quick: bool, only: list[str], scales: list[str]) -> list[Plan]:
+    lr = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-5}
+    out: list[Plan] = []
+    for scale in scales:
+        for r in only:
+            if scale == "long" and r != "sft":
+                continue  # the long-sequence case is SFT: cost growth with sequence length
+            if quick:
+                p = Plan(r, scale, "small" if scale == "small" else "tiny", batch_size=4, steps=3, lr=lr[r],
+                         rollout_batch=8, mini_batches=2, ppo_epochs=1, response_length=16)
+                if r == "ppo":
+                    p.steps = 2
+            elif scale == "tiny":
+                p = Plan(r, scale, "tiny", batch_size=8, steps=20, lr=lr[r], rollout_batch=16, mini_batches=2,
+                         ppo_epochs=2, response_length=32)
+                if r == "ppo":
+                    p.steps = 4
+            elif scale == "small":
+                p = Plan(r, scale, "small", batch_size=8, steps=8, lr=lr[r], rollout_batch=16, mini_batches=2,
+                         ppo_epochs=2, response_length=32)
+                if r == "ppo":
+                    p.steps = 2
+            else:  # long
+                p = Plan(r, scale, "tiny", batch_size=4, steps=4 if quick else 8, lr=lr[r])
+            if scale == "long":
+                p.rows_words = (-1, -1)  # sized from the tokenizer, see long_rows
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    import torch
+
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cores": len(os.sched_getaffinity(0)),
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def matmul_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """Best float32 FLOP/s of an n x n matmul over ``reps`` timed calls (after one warm-up)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def peer_versions() -> dict[str, str]:
+    out = {}
+    for name, env in (("peers", BENCH / ".venv-peers"), ("peers-ppo", BENCH / ".venv-peers-ppo")):
+        py = env / "bin" / "python"
+        if not py.exists():
+            out[name] = "not installed"
+            continue
+        r = subprocess.run([str(py), "-c", "import trl, transformers, torch; print(trl.__version__, transformers.__version__, torch.__version__)"],
+                           capture_output=True, text=True)
+        out[name] = r.stdout.strip() or f"broken: {r.stderr.strip()[-200:]}"
+    return out
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def run_quiet(cmd: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def posttrain_has(command: str) -> tuple[bool, str]:
+    """True when ``posttrain COMMAND`` exists and its module imports."""
+    if not POSTTRAIN.exists():
+        return False, f"{POSTTRAIN} not found (run `make setup`)"
+    module = {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "tiny-model": None, "task": None}.get(command)
+    check = {"tiny-model": "import posttrain.models.tiny as m; m.main",
+             "task": "import posttrain.tasks as m; m.main"}.get(command, f"import posttrain.recipes.{module} as m; m.main")
+    r = run_quiet([str(ROOT / ".venv" / "bin" / "python"), "-c", check])
+    if r.returncode != 0:
+        return False, (r.stderr.strip().splitlines() or ["import failed"])[-1]
+    return True, ""
+
+
+def build_model(out: Path, size: str, need_positions: int, notes: list[str]) -> Path:
+    """``posttrain tiny-model`` when it works and fits the sequence length, else bench/data.py's model."""
+    if (out / "config.json").exists():
+        return out
+    ok, why = posttrain_has("tiny-model")
+    if ok:
+        r = run_quiet([str(POSTTRAIN), "tiny-model", str(out), f"size={size}"])
+        cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+        if r.returncode == 0 and cfg.get("max_position_embeddings", 0) >= need_positions:
+            notes.append(f"model `{size}`: `posttrain tiny-model {out.relative_to(ROOT)} size={size}`")
+            return out
+        why = r.stderr.strip()[-300:] if r.returncode else f"max_position_embeddings {cfg.get('max_position_embeddings')} < {need_positions}"
+        shutil.rmtree(out, ignore_errors=True)
+    bench_data.build_model(out, size=size)
+    notes.append(f"model `{size}` at {out.relative_to(ROOT)}: bench/data.py's own (posttrain tiny-model not used: {why})")
+    return out
+
+
+def build_rm_init(model_dir: Path, out: Path) -> Path:
+    """The policy's backbone with a seeded scalar head: the RM start for both sides, PPO's reward and value model."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    m = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    m.config.pad_token_id = tok.pad_token_id
+    m.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def count_params(folder: Path, head: str = "causal") -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    cls = AutoModelForCausalLM if head == "causal" else AutoModelForSequenceClassification
+    m = cls.from_pretrained(folder, dtype=torch.float32)
+    return sum(p.numel() for p in m.parameters())
+
+
+def task_rows(out: Path, n: int, notes: list[str]) -> dict[str, list[dict]] | None:
+    ok, why = posttrain_has("task")
+    if not ok:
+        notes.append(f"data: bench/data.py's mixed-length rows (`posttrain task` not available: {why})")
+        return None
+    r = run_quiet([str(POSTTRAIN), "task", "arithmetic", str(out), f"n_train={n}", "n_eval=16"])
+    if r.returncode != 0:
+        notes.append(f"data: bench/data.py's mixed-length rows (`posttrain task arithmetic` failed: {r.stderr.strip()[-200:]})")
+        return None
+    notes.append(f"data: `posttrain task arithmetic {out.relative_to(ROOT)} n_train={n} n_eval=16`")
+    return {k: bench_data.read_jsonl(out / f"{k}.jsonl") for k in ("sft", "prefs", "prompts")}
+
+
+def token_lengths(tok, kind: str, rows: list[dict]) -> list[int]:
+    """Tokens of every sequence the rows make under the chat template (prefs: chosen and rejected)."""
+    def n(msgs, gen=False):
+        enc = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=True)
+        return len(enc["input_ids"])
+
+    def user(x):
+        return [{"role": "user", "content": x}]
+
+    def asst(x):
+        return [{"role": "assistant", "content": x}]
+
+    if kind == "sft":
+        return [n(r["messages"]) for r in rows]
+    if kind == "prefs":
+        return [n(user(r["prompt"]) + asst(r[k])) for r in rows for k in ("chosen", "rejected")]
+    return [n(user(r["prompt"]), gen=True) for r in rows]
+
+
+def long_rows(tok, n: int, lo: int = 1000, hi: int = 2000, seed: int = 0) -> list[dict]:
+    """SFT rows of lo..hi tokens under this tokenizer: word counts scaled by its measured tokens/word."""
+    probe = bench_data.make_rows(8, seed, 200, 200)["sft"]
+    per_word = statistics.mean(token_lengths(tok, "sft", probe)) / (200 + 50)
+    lo_w, hi_w = int(lo / per_word), int(hi / per_word * 0.9)
+    rows = bench_data.make_rows(n * 3, seed, lo_w, hi_w)["sft"]
+    lens = token_lengths(tok, "sft", rows)
+    keep = [r for r, k in zip(rows, lens) if lo <= k <= hi]
+    return (keep * (n // max(1, len(keep)) + 1))[:n]
+
+
+def take(rows: list[dict], n: int) -> list[dict]:
+    """Exactly n rows (cycled when short): with max_steps x batch_size = n, both sides see every row once."""
+    return (rows * (n // max(1, len(rows)) + 1))[:n]
+
+
+def round_up(x: int, m: int = 64) -> int:
+    return (x + m - 1) // m * m
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class Run:
+    ok: bool
+    result: dict = field(default_factory=dict)
+    rss_mb: float = 0.0
+    process_s: float = 0.0
+    error: str = ""
+
+
+def run_child(cmd: list[str], env: dict, timeout: int, log: Path) -> tuple[int, float, float]:
+    """Run cmd; returns (exit code, process wall seconds, peak RSS MB of the child from wait4)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        deadline = t + timeout
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                os.killpg(p.pid, 9)
+                pid, status, ru = os.wait4(p.pid, 0)
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - t
+    code = os.waitstatus_to_exitcode(status)
+    return code, wall, ru.ru_maxrss / 1024.0
+
+
+def child_env(threads: int, extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra or {})
+    return env
+
+
+def measure(cmd: list[str], json_path: Path, env: dict, timeout: int, log: Path,
+            metrics_dir: Path | None = None, expected_tokens: int | None = None) -> Run:
+    json_path.unlink(missing_ok=True)
+    code, wall, rss = run_child(cmd, env, timeout, log)
+    tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:]) if log.exists() else ""
+    if code != 0:
+        return Run(False, rss_mb=rss, process_s=wall, error=f"exit {code}: {tail}")
+    if not json_path.exists():
+        fallback = from_metrics(metrics_dir, expected_tokens) if metrics_dir else None
+        if fallback:
+            return Run(True, fallback, rss_mb=rss, process_s=wall)
+        return Run(False, rss_mb=rss, process_s=wall, error=f"exit 0 but no result JSON at {json_path}; log tail:\n{tail}")
+    return Run(True, json.loads(json_path.read_text()), rss_mb=rss, process_s=wall)
+
+
+def from_metrics(out_dir: Path, expected_tokens: int | None) -> dict | None:
+    """Stand-in result from posttrain's metrics.jsonl when it wrote no bench JSON.
+
+    Steps and final loss are read; the loop's wall time is estimated as the harness's own token count
+    of the rows divided by the mean logged ``tokens_per_second``. Marked ``source: metrics.jsonl``.
+    """
+    f = out_dir / "metrics.jsonl"
+    if not f.exists() or not expected_tokens:
+        return None
+    logs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    tps = [r["tokens_per_second"] for r in logs if r.get("tokens_per_second")]
+    losses = [r for r in logs if "loss" in r]
+    if not tps or not losses:
+        return None
+    return {"steps": max(r.get("step", 0) for r in logs), "tokens": expected_tokens,
+            "wall_s": expected_tokens / statistics.mean(tps), "final_loss": losses[-1]["loss"],
+            "source": "metrics.jsonl"}
+
+
+def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: int) -> list[str]:
+    common = [f"output_dir={out}", f"seed=0", f"dtype=float32", f"max_length={max_length}",
+              f"learning_rate={p.lr}", "lr_scheduler=linear", "warmup_ratio=0", "weight_decay=0",
+              "max_grad_norm=1.0", "grad_accum=1", "resume=false", "logging.progress=false",
+              f"logging.steps={log_every(p)}", "save.steps=0"]
+    if p.recipe == "sft":
+        return [str(POSTTRAIN), "sft", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
+                f"batch_size={p.batch_size}", "loss_on=completion", *common]
+    if p.recipe == "rm":
+        return [str(POSTTRAIN), "rm", f"model={rm}", f"data.train={data}", f"max_steps={p.steps}",
+                f"batch_size={p.batch_size}", "normalize=false", *common]
+    if p.recipe == "dpo":
+        return [str(POSTTRAIN), "dpo", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
+                f"batch_size={p.batch_size}", "beta=0.1", "loss_type=sigmoid", *common]
+    mini = p.rollout_batch // p.mini_batches
+    return [str(POSTTRAIN), "ppo", f"model={model}", f"prompts={data}", f"reward.model={rm}", "critic_init=reward",
+            f"rollout.batch_size={p.rollout_batch}", f"mini_batch_size={mini}", f"batch_size={mini}",
+            f"ppo_epochs={p.ppo_epochs}", f"total_episodes={p.rollout_batch * p.steps}",
+            f"rollout.max_new_tokens={p.response_length}", "rollout.temperature=1.0", "kl_coef=0.05",
+            "kl_estimator=k1", "vf_coef=0.1", "clip_range=0.2", "value_clip=0.2", "gamma=1.0", "lam=0.95",
+            "missing_eos_penalty=-1.0", "advantage_estimator=gae", "whiten_rewards=false", *common]
+
+
+def peer_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: int, threads: int) -> list[str]:
+    venv, script = PEERS[p.recipe]
+    cmd = [str(venv / "bin" / "python"), str(script), "--model", str(rm if p.recipe == "rm" else model),
+           "--data", str(data), "--out", str(out), "--max-length", str(max_length), "--steps", str(p.steps),
+           "--lr", str(p.lr), "--threads", str(threads), "--seed", "0", "--log-every", str(log_every(p))]
+    if p.recipe == "ppo":
+        cmd += ["--reward-model", str(rm), "--rollout-batch", str(p.rollout_batch), "--mini-batches",
+                str(p.mini_batches), "--ppo-epochs", str(p.ppo_epochs), "--response-length", str(p.response_length)]
+    else:
+        cmd += ["--batch-size", str(p.batch_size)]
+    if p.recipe == "dpo":
+        cmd += ["--beta", "0.1"]
+    return cmd
+
+
+def log_every(p: Plan) -> int:
+    return 1 if p.recipe == "ppo" else min(10, p.steps)
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def flops_per_token(p: Plan, params: dict[str, int]) -> float:
+    """Model FLOPs per counted token: 6N for a training pass (forward 2N + backward 4N), 2N forward-only.
+
+    DPO: policy trained (6N) + reference forward (2N). PPO, per prompt+response token of an episode:
+    sampling 2N_pi, reference 2N_pi, reward 2N_rm, old values 2N_v, then each PPO epoch trains policy
+    and value (6(N_pi + N_v)). Both sides are charged the same, so a side that skips a pass scores
+    higher, as it should.
+    """
+    n = params["policy"]
+    if p.recipe == "sft":
+        return 6 * n
+    if p.recipe == "rm":
+        return 6 * params["rm"]
+    if p.recipe == "dpo":
+        return 8 * n
+    v = params["rm"]
+    return 2 * n + 2 * n + 2 * v + 2 * v + p.ppo_epochs * 6 * (n + v)
+
+
+def summarize(runs: list[Run], p: Plan, fpt: float, peak: float) -> dict | None:
+    good = [r for r in runs if r.ok]
+    if not good:
+        return None
+    med = statistics.median
+
+    def m(key, fn=lambda r, k: r.result.get(k)):
+        vals = [fn(r, key) for r in good if fn(r, key) is not None]
+        return med(vals) if vals else None
+
+    steps = good[0].result.get("steps")
+    units = good[0].result.get("units") or (p.rollout_batch if p.recipe == "ppo" else p.batch_size) * (steps or 0)
+    wall = m("wall_s")
+    tokens = m("tokens")
+    s = {
+        "n": len(good), "steps": steps, "tokens": tokens, "units": units, "wall_s": wall,
+        "wall_per_step_ms": 1000 * wall / steps if wall and steps else None,
+        "tokens_per_s": m(None, lambda r, k: r.result["tokens"] / r.result["wall_s"] if r.result.get("wall_s") else None),
+        "units_per_s": m(None, lambda r, k: units / r.result["wall_s"] if r.result.get("wall_s") else None),
+        "rss_mb": m(None, lambda r, k: r.rss_mb),
+        "self_rss_mb": m("peak_rss_mb"),
+        "final_loss": m("final_loss"),
+        "process_s": m(None, lambda r, k: r.process_s),
+        "spread": (min(r.result["wall_s"] for r in good), max(r.result["wall_s"] for r in good)),
+    }
+    s["mfu"] = s["tokens_per_s"] * fpt / peak if s["tokens_per_s"] else None
+    return s
+
+
+def same_work(p: Plan, a: dict, b: dict, expected: int | None) -> tuple[bool, str]:
+    """Steps equal; tokens equal or within TOKEN_TOLERANCE (PPO: episodes equal, tokens are sampled)."""
+    if a["steps"] != b["steps"]:
+        return False, f"steps differ: posttrain {a['steps']} vs peer {b['steps']}"
+    if a["units"] != b["units"]:
+        return False, f"{UNIT[p.recipe]} differ: posttrain {a['units']} vs peer {b['units']}"
+    if a["tokens"] is None or b["tokens"] is None:
+        return False, "a side reported no token count"
+    d = a["tokens"] - b["tokens"]
+    rel = abs(d) / max(1, b["tokens"])
+    if p.recipe == "ppo":
+        return True, (f"same steps ({a['steps']}) and episodes ({a['units']}); tokens are sampled, so they differ "
+                      f"by design: posttrain {a['tokens']:.0f} vs peer {b['tokens']:.0f} ({100 * d / max(1, b['tokens']):+.1f}%)")
+    if expected:
+        ok, msg = same_work(p, a, b, None)
+        return ok, msg + (f"; the rows hold {expected} tokens by the harness's own count "
+                          f"(posttrain {100 * (a['tokens'] - expected) / expected:+.2f}%, "
+                          f"peer {100 * (b['tokens'] - expected) / expected:+.2f}%)")
+    if d == 0:
+        return True, f"same steps ({a['steps']}), same {UNIT[p.recipe]} ({a['units']}), token counts equal ({a['tokens']:.0f})"
+    verdict = rel <= TOKEN_TOLERANCE
+    return verdict, (f"same steps ({a['steps']}) and {UNIT[p.recipe]} ({a['units']}); non-pad tokens posttrain "
+                     f"{a['tokens']:.0f} vs peer {b['tokens']:.0f} ({100 * d / b['tokens']:+.2f}%, "
+                     f"{'within' if verdict else 'OUTSIDE'} the {100 * TOKEN_TOLERANCE:.0f}% allowed for template/EOS handling)")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(x, spec=".3g", none="-"):
+    if x is None:
+        return none
+    return format(x, spec)
+
+
+def table(p: Plan, pt: dict | None, peer: dict | None, peer_name: str) -> list[str]:
+    unit_s = f"{UNIT[p.recipe]}/s"
+    head = ["side", "steps", "tokens", "wall/step ms", "tokens/s", unit_s, "peak RSS MB", "final loss",
+            "MFU", "process s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def row(name, s):
+        if s is None:
+            return f"| {name} | " + " | ".join(["n/a"] * (len(head) - 1)) + " |"
+        return (f"| {name} | {s['steps']} | {fmt(s['tokens'], '.0f')} | {fmt(s['wall_per_step_ms'], '.1f')} | "
+                f"{fmt(s['tokens_per_s'], '.0f')} | {fmt(s['units_per_s'], '.2f')} | {fmt(s['rss_mb'], '.0f')} | "
+                f"{fmt(s['final_loss'], '.4f')} | {fmt(100 * s['mfu'] if s['mfu'] else None, '.2f')}% | "
+                f"{fmt(s['process_s'], '.1f')} |")
+
+    lines.append(row("posttrain", pt))
+    lines.append(row(peer_name, peer))
+    if pt and peer:
+        def ratio(k):
+            return pt[k] / peer[k] if pt.get(k) and peer.get(k) else None
+        lines.append(f"| posttrain / peer | | | {fmt(ratio('wall_per_step_ms'), '.2f')}x | {fmt(ratio('tokens_per_s'), '.2f')}x | "
+                     f"{fmt(ratio('units_per_s'), '.2f')}x | {fmt(ratio('rss_mb'), '.2f')}x | | | {fmt(ratio('process_s'), '.2f')}x |")
+    return lines
+
+
+def targets(p: Plan, pt: dict | None, peer: dict | None) -> list[str]:
+    if not pt or not peer:
+        return []
+    out = []
+    if p.recipe in TARGETS:
+        what, need = TARGETS[p.recipe]
+        key = "tokens_per_s" if what == "tokens/s" else "units_per_s"
+        got = pt[key] / peer[key]
+        if got >= need:
+            out.append(f"- speed target ({what} >= {need}x the peer): **met**, {got:.2f}x")
+        else:
+            out.append(f"- speed target ({what} >= {need}x the peer): **missed**, {got:.2f}x "
+                       f"(needs {need / got:.2f}x more; {100 * (1 - got / need):.0f}% short)")
+    mem = pt["rss_mb"] / peer["rss_mb"]
+    if mem <= 1.0:
+        out.append(f"- memory target (peak RSS <= the peer's): **met**, {mem:.2f}x ({pt['rss_mb']:.0f} vs {peer['rss_mb']:.0f} MB)")
+    else:
+        out.append(f"- memory target (peak RSS <= the peer's): **missed** by {pt['rss_mb'] - peer['rss_mb']:.1f} MB "
+                   f"({mem:.2f}x)")
+    return out
+
+
+def profile(cmd: list[str], env: dict, out: Path, timeout: int) -> str:
+    """One more posttrain run under cProfile; the top functions by own time."""
+    import pstats
+
+    prof = out / "posttrain.prof"
+    py = str(ROOT / ".venv" / "bin" / "python")
+    pcmd = [py, "-m", "cProfile", "-o", str(prof), "-m", "posttrain", *cmd[1:]]
+    code, _, _ = run_child(pcmd, env, timeout, out / "profile.log")
+    if code != 0 or not prof.exists():
+        return f"profile run failed (exit {code}); see {out / 'profile.log'}"
+    import io
+
+    buf = io.StringIO()
+    pstats.Stats(str(prof), stream=buf).sort_stats("tottime").print_stats(15)
+    text = buf.getvalue()
+    start = text.find("   ncalls")
+    return text[start:] if start >= 0 else text
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny scale, few steps, 1 repeat")
+    ap.add_argument("--only", default=",".join(RECIPES), help="recipes, comma-separated (sft,rm,dpo,ppo)")
+    ap.add_argument("--scales", default="", help="tiny,small,long (default: all; --quick: tiny)")
+    ap.add_argument("--repeats", type=int, default=0, help="runs per side and case; medians reported (default 3; --quick 1)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch / OpenMP threads for both sides")
+    ap.add_argument("--data", choices=["auto", "task", "synthetic"], default="auto",
+                    help="auto: SFT on bench/data.py's mixed-length chat rows (the SFT target's condition), RM/DPO/PPO "
+                         "on `posttrain task arithmetic` rows when available; task / synthetic: one source for all")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    ap.add_argument("--profile", action="store_true", help="where a target is missed, profile one more posttrain run (cProfile)")
+    ap.add_argument("--no-setup", action="store_true", help="do not run bench/setup_peers.sh")
+    ap.add_argument("--work", default=str(BENCH / "work"))
+    ap.add_argument("--out", default=str(BENCH / "results.md"))
+    a = ap.parse_args(argv)
+    only = [r.strip() for r in a.only.split(",") if r.strip()]
+    bad = [r for r in only if r not in RECIPES]
+    if bad:
+        ap.error(f"unknown recipe(s) {bad}; choose from {RECIPES}")
+    scales = [s.strip() for s in (a.scales or ("tiny" if a.quick else "tiny,small,long")).split(",") if s.strip()]
+    repeats = a.repeats or (1 if a.quick else 3)
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now().astimezone()
+    notes: list[str] = []
+
+    if not a.no_setup:
+        print("+ bash bench/setup_peers.sh", flush=True)
+        r = subprocess.run(["bash", str(BENCH / "setup_peers.sh")], cwd=ROOT)
+        if r.returncode != 0:
+            notes.append(f"bench/setup_peers.sh failed (exit {r.returncode}); peers that are not installed show n/a")
+    info = machine_info()
+    peak = matmul_peak(a.threads)
+    print(f"matmul peak float32, {a.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    versions = peer_versions()
+
+    from transformers import AutoTokenizer
+
+    all_plans = plans(a.quick, only, scales)
+    avail = {r: posttrain_has(r) for r in only}
+    sections: list[str] = []
+    commands: list[str] = []
+    raw: dict = {}
+    for p in all_plans:
+        key = f"{p.recipe}-{p.scale}"
+        print(f"== {key}", flush=True)
+        case = work / key
+        case.mkdir(parents=True, exist_ok=True)
+        long_case = p.scale == "long"
+        model = build_model(work / (f"model-{p.model_size}" + ("-long" if long_case else "")), p.model_size,
+                            2048 + 64 if long_case else 0, notes)
+        rm = build_rm_init(model, work / (model.name + "-rm"))
+        tok = AutoTokenizer.from_pretrained(model)
+        n_rows = (p.rollout_batch if p.recipe == "ppo" else p.batch_size) * p.steps
+        kind = {"sft": "sft", "rm": "prefs", "dpo": "prefs", "ppo": "prompts"}[p.recipe]
+        if p.scale == "long":
+            rows = long_rows(tok, n_rows)
+            notes.append(f"long case: bench/data.py rows of 1000-2000 tokens ({len(rows)} rows)")
+        else:
+            use_task = a.data == "task" or (a.data == "auto" and p.recipe != "sft")
+            src = task_rows(work / "task", max(n_rows, 256), notes) if use_task else None
+            if src is None:
+                notes.append(f"{p.recipe}: bench/data.py mixed-length rows ({p.rows_words[0]}-{p.rows_words[1]} words a turn)")
+            rows = take((src or bench_data.make_rows(max(n_rows, 256), 0, *p.rows_words))[kind], n_rows)
+        data_file = bench_data.write_jsonl(case / f"{kind}.jsonl", rows)
+        lens = token_lengths(tok, kind, rows)
+        # non-pad tokens both sides must process (PPO: sampled, so none expected)
+        expected_tokens = sum(lens) if p.recipe != "ppo" else None
+        max_length = round_up(max(lens) + 8, 64)
+        if p.recipe == "ppo":
+            max_length = round_up(max(lens) + p.response_length + 8, 64)
+        params = {"policy": count_params(model), "rm": count_params(rm, "seq")}
+        fpt = flops_per_token(p, params)
+        pt_json, peer_json = case / "posttrain-bench.json", case / "peer.json"
+        pcmd = posttrain_cmd(p, model, rm, data_file, case / "posttrain-out", max_length)
+        qcmd = peer_cmd(p, model, rm, data_file, peer_json, max_length, a.threads)
+        env = child_env(a.threads)
+        pt_env = child_env(a.threads, {"POSTTRAIN_BENCH_JSON": str(pt_json)})
+        commands += [f"# {key}", f"OMP_NUM_THREADS={a.threads} POSTTRAIN_BENCH_JSON={pt_json} " + shlex.join(pcmd),
+                     f"OMP_NUM_THREADS={a.threads} " + shlex.join(qcmd)]
+        have_pt, why_pt = avail[p.recipe]
+        peer_py = PEERS[p.recipe][0] / "bin" / "python"
+        pt_runs: list[Run] = []
+        peer_runs: list[Run] = []
+        for i in range(repeats):
+            if have_pt:
+                shutil.rmtree(case / "posttrain-out", ignore_errors=True)
+                r = measure(pcmd, pt_json, pt_env, a.timeout, case / f"posttrain-{i}.log",
+                            case / "posttrain-out", expected_tokens)
+                pt_runs.append(r)
+                print(f"  posttrain #{i}: " + (f"wall {r.result.get('wall_s', 0):.2f}s rss {r.rss_mb:.0f}MB" if r.ok else r.error.splitlines()[0]), flush=True)
+            if peer_py.exists():
+                r = measure(qcmd, peer_json, env, a.timeout, case / f"peer-{i}.log")
+                peer_runs.append(r)
+                print(f"  peer      #{i}: " + (f"wall {r.result.get('wall_s', 0):.2f}s rss {r.rss_mb:.0f}MB" if r.ok else r.error.splitlines()[0]), flush=True)
+        pt = summarize(pt_runs, p, fpt, peak)
+        peer = summarize(peer_runs, p, fpt, peak)
+        peer_name = "TRL " + (versions["peers-ppo"] if p.recipe == "ppo" else versions["peers"]).split(" ")[0]
+        sec = [f"### {p.recipe.upper()} — {p.scale} (model `{p.model_size}`, {params['policy'] / 1e6:.2f}M params)", ""]
+        if p.recipe == "ppo":
+            sec.append(f"Work: {p.steps} PPO iterations x {p.rollout_batch} episodes, response length {p.response_length}, "
+                       f"{p.ppo_epochs} PPO epochs x {p.mini_batches} minibatches, lr {p.lr}, max_length {max_length}.")
+        else:
+            sec.append(f"Work: {p.steps} steps x batch {p.batch_size} ({UNIT[p.recipe]}), max_length {max_length}, lr {p.lr}; "
+                       f"row lengths (tokens) min {min(lens)} / median {statistics.median(lens):.0f} / max {max(lens)}.")
+        sec.append("")
+        if not have_pt:
+            sec.append(f"**posttrain side not available**: {why_pt}" + "\n")
+        elif not pt:
+            sec.append("**posttrain side failed**:\n\n```\n" + pt_runs[-1].error[-1500:] + "\n```" + "\n")
+        if not peer_py.exists():
+            sec.append(f"**peer side not available**: {peer_py} missing (bench/setup_peers.sh)" + "\n")
+        elif not peer:
+            sec.append("**peer side failed**:\n\n```\n" + peer_runs[-1].error[-1500:] + "\n```" + "\n")
+        sec += table(p, pt, peer, peer_name)
+        sec.append("")
+        if pt and peer:
+            ok, msg = same_work(p, pt, peer, expected_tokens)
+            if any(r.result.get("source") == "metrics.jsonl" for r in pt_runs if r.ok):
+                sec.append("- posttrain wrote no `$POSTTRAIN_BENCH_JSON`: its tokens are the harness's count of the rows "
+                           "and its loop time is that count / the mean logged `tokens_per_second` (an estimate)")
+            sec.append(f"- same work: {'yes' if ok else '**NO — the comparison below is not valid**'}: {msg}")
+            sec += targets(p, pt, peer)
+            missed = any("**missed**" in line for line in targets(p, pt, peer))
+            if missed and a.profile:
+                sec += ["", "Profile of one more posttrain run (cProfile, top 15 by own time):", "", "```",
+                        profile(pcmd, pt_env, case, a.timeout), "```"]
+            elif missed:
+                sec.append("- where missed: rerun with `--profile` for a cProfile of the posttrain run, "
+                           "or `py-spy record -o prof.svg -- <the posttrain command above>`")
+        for name, s in (("posttrain", pt), ("peer", peer)):
+            if s and s["n"] > 1:
+                sec.append(f"- {name}: {s['n']} runs, training-loop wall min {s['spread'][0]:.2f}s / max {s['spread'][1]:.2f}s")
+        sections += sec + [""]
+        raw[key] = {"plan": p.__dict__, "params": params, "flops_per_token": fpt, "max_length": max_length,
+                    "posttrain": [r.__dict__ for r in pt_runs], "peer": [r.__dict__ for r in peer_runs],
+                    "posttrain_cmd": pcmd, "peer_cmd": qcmd}
+        (work / "raw.json").write_text(json.dumps(raw, indent=1, default=str))
+
+    info["loadavg_end"] = os.getloadavg()
+    write_report(Path(a.out), started, info, peak, a, repeats, versions, notes, commands, sections)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def write_report(out: Path, started, info, peak, a, repeats, versions, notes, commands, sections) -> None:
+    load = info["loadavg_start"], info["loadavg_end"]
+    busy = max(load[0][0], load[1][0]) > info["cores"] * 0.75 + 0.5
+    lines = [
+        "# posttrain vs peers", "",
+        f"Date: {started:%Y-%m-%d %H:%M %Z}. Invocation: `.venv/bin/python bench/run.py {' '.join(sys.argv[1:])}`", "",
+        "## Machine", "",
+        f"- CPU: {info['cpu_model']}, {info['cores']} cores available ({info['logical_cpus']} logical CPUs)",
+        f"- torch {info['torch']} (posttrain side), Python {info['python']}, {info['platform']}",
+        f"- peers: TRL/transformers/torch `{versions['peers']}` (SFT, RM, DPO); `{versions['peers-ppo']}` (PPO)",
+        f"- threads for both sides: {a.threads} (`torch.set_num_threads` in the peers, `OMP_NUM_THREADS` for both)",
+        f"- float32 matmul peak (2048x2048 `torch.mm`, best of 5): {peak / 1e9:.1f} GFLOP/s",
+        f"- load average at start {load[0][0]:.2f}, at end {load[1][0]:.2f}"
+        + (" — **the machine was busy with other work; absolute numbers are noisy, the ratios less so**" if busy else ""),
+        f"- repeats per side: {repeats}, medians reported; the two sides alternate run by run", "",
+        "## How to read", "",
+        "wall/step and tokens/s are over the training loop only (first step start to last step end); "
+        "`process s` is the whole command (imports, tokenization, model loading, saving). Peak RSS is the "
+        "child's `ru_maxrss` from `os.wait4` (the kernel's high-water mark, as `/usr/bin/time -v` reports). "
+        "MFU = achieved model FLOP/s / the matmul peak above (FLOPs per token: SFT/RM 6N, DPO 8N, "
+        "PPO 2N sample + 2N ref + 2N reward + 2N value + epochs x 6(N+N_value)). Final loss is the last logged "
+        "value (TRL logs the mean over its logging window). Ratios are posttrain / peer: above 1 is better "
+        "for throughput, below 1 better for wall/step and memory.", "",
+        "## Inputs", "",
+        *[f"- {n}" for n in dict.fromkeys(notes)], "",
+        "## Results", "",
+        *sections,
+        "## Exact commands", "",
+        "```", *commands, "```", "",
+    ]
+    out.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
