@@ -27,7 +27,7 @@ from torch import nn
 
 from posttrain.engine.checkpoint import resolve_resume
 from posttrain.engine.dist import unwrap
-from posttrain.engine.logging import Progress
+from posttrain.engine.logging import Progress, write_bench_json
 from posttrain.engine.optim import steps_per_epoch, total_steps_for
 from posttrain.engine.run import RunContext, autocast_dtype
 from posttrain.engine.signals import StopSignal
@@ -67,7 +67,10 @@ def fit(
     tokens_fn: Callable[[Any], int],
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     tokenizer: Any = None,
+    setup_seconds: float = 0.0,
 ) -> FitResult:
+    """Train to ``max_steps`` / ``num_epochs`` (module doc). ``setup_seconds``: time spent before the loop on work
+    a peer does inside its steps (DPO's reference pass), added to the benchmark's wall time."""
     cfg, dist = run.cfg, run.dist
     n_steps = total_steps_for(len(items), cfg, dist.world_size)
     per_epoch = steps_per_epoch(len(items), cfg, dist.world_size)
@@ -85,6 +88,7 @@ def fit(
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     window_tokens, window_start = 0, time.perf_counter()
+    loop_start, total_tokens, first_step = time.perf_counter(), 0, step
     progress = Progress(n_steps, desc=run.command, enabled=dist.is_main and bool(cfg.logging.progress), initial=step)
     if evaluate is not None and step == 0:
         # The untrained model's numbers, so every curve starts from the same baseline.
@@ -101,7 +105,9 @@ def fit(
             metrics = train_step(model, micro, loss_fn, optimizer, scheduler, max_grad_norm=float(cfg.max_grad_norm),
                                  dist=dist, count_fn=count_fn, autocast_dtype=amp, step=step + 1)
             step += 1
-            window_tokens += sum(tokens_fn(b) for b in micro) * dist.world_size
+            step_tokens = sum(tokens_fn(b) for b in micro) * dist.world_size
+            window_tokens += step_tokens
+            total_tokens += step_tokens
             progress.update(1, loss=metrics["loss"])
             if step % log_every == 0 or step == n_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
@@ -124,4 +130,8 @@ def fit(
                 if dist.is_main:
                     progress.write(f"{stop.name or 'signal'}: saved checkpoint at step {step}; resume with resume=auto")
                 return FitResult(step, True, last, eval_metrics)
+    if dist.is_main:
+        write_bench_json(steps=step - first_step, tokens=total_tokens, final_loss=last.get("loss"),
+                         wall_s=time.perf_counter() - loop_start + setup_seconds,
+                         params=sum(p.numel() for p in unwrap(model).parameters()))
     return FitResult(step, False, last, eval_metrics)
