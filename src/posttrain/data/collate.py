@@ -160,7 +160,8 @@ class RankingBatch:
     """All responses of B ranked examples, one row each: input_ids, attention_mask, position_ids (N, T),
     completion_mask (N, T-1) as in `PairBatch`; pairs (P, 2) row indices (better, worse) for every one of the
     K-choose-2 pairs of each example; pair_group (P,) the example each pair comes from, so a loss can weight each
-    example's pairs by 1/C(K,2) (InstructGPT, Ouyang et al. 2022 Sec. 3.5)."""
+    example's pairs by 1/C(K,2) (InstructGPT, Ouyang et al. 2022 Sec. 3.5); margin (P,) the `margin` of a
+    preference item for its one pair (0 for ranking pairs), or None when no item has one."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -168,11 +169,17 @@ class RankingBatch:
     position_ids: torch.Tensor
     pairs: torch.Tensor
     pair_group: torch.Tensor
+    margin: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "RankingBatch":
+        return RankingBatch(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device),
+                            self.position_ids.to(device), self.pairs.to(device), self.pair_group.to(device),
+                            None if self.margin is None else self.margin.to(device))
 
 
 def collate_rankings(items: Sequence[dict], pad_id: int, padding_side: str = "right") -> RankingBatch:
     """Batch `tokenize_ranking` items (or preference items, as rankings of two)."""
-    prompts, completions, pairs, group = [], [], [], []
+    prompts, completions, pairs, group, margins = [], [], [], [], []
     for g, it in enumerate(items):
         responses = it["response_ids"] if "response_ids" in it else [it["chosen_ids"], it["rejected_ids"]]
         first = len(completions)
@@ -183,9 +190,11 @@ def collate_rankings(items: Sequence[dict], pad_id: int, padding_side: str = "ri
             for b in range(a + 1, len(responses)):
                 pairs.append((first + a, first + b))
                 group.append(g)
+                margins.append(it.get("margin"))
     input_ids, attention_mask, completion_mask, position_ids = _sequences(prompts, completions, pad_id, padding_side)
+    margin = None if all(m is None for m in margins) else torch.tensor([m or 0.0 for m in margins])  # (P,)
     return RankingBatch(input_ids, attention_mask, completion_mask, position_ids, torch.tensor(pairs),
-                        torch.tensor(group))
+                        torch.tensor(group), margin)
 
 
 @dataclass

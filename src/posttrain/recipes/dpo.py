@@ -1,0 +1,195 @@
+"""Offline Direct Preference Optimisation: `posttrain dpo` (Rafailov et al. 2023, arXiv 2305.18290).
+
+The algorithm, as in the paper: for each preference pair (x, y_w, y_l) minimise
+
+    -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+(or the IPO / hinge / robust variant of `loss_type`, `losses/dpo.py`), where a sequence log-prob is the SUM
+of the token log-probs of the completion tokens only — prompt tokens and padding never count. Chosen and
+rejected rows of a batch go through the model in one concatenated (2B, T) forward (`data.collate_pairs`).
+
+The reference pi_ref is `ref_model` or, by default, the policy's starting weights. How it is computed:
+
+- ``precompute_ref: true`` (default): one no-grad pass over the train and eval pairs before training stores
+  `ref_chosen` / `ref_rejected` in each item (cached with the dataset), so training holds one model. With LoRA
+  the pass runs before the adapter is added, i.e. on exactly the base model the adapter-disabled policy computes.
+- ``precompute_ref: false``: a frozen reference model in memory — `ref_model`, or a copy of the starting
+  policy; with LoRA no copy: the policy itself with its adapter disabled (`models.reference_context`).
+
+Departures from the textbook:
+- ``sft_weight`` > 0 adds sft_weight * NLL(y_w) (the "SFT + DPO" / RPO mix). The NLL is PER PAIR: the token mean
+  of the chosen completion's negative log-likelihood, so that the whole loss is one mean over pairs.
+- Dropout is switched off in the policy and the reference, so at step 0 the policy equals the reference
+  exactly (loss = log 2 for sigmoid) and the implicit rewards carry no dropout noise.
+
+Normalisation: each term is per pair; the optimizer step's loss is the sum over every pair of every
+micro-batch on every rank divided by the global number of pairs (`engine.train_step`, count_fn = pairs), so
+accumulation and rank split never change it. Logged (TRL's names, means over the step's pairs): `loss`,
+`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`,
+`nll_loss` (with sft_weight), `grad_norm`, `learning_rate`; on `data.eval` the same with an `eval_` prefix —
+`eval_rewards/accuracies` is the preference accuracy of the implicit reward on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.config import ConfigError, DPOConfig
+from posttrain.data import PairBatch, collate_pairs
+from posttrain.engine import setup_run, unwrap
+from posttrain.engine.loop import fit
+from posttrain.losses.dpo import LOSS_TYPES, dpo_loss
+from posttrain.models import disable_dropout, load_causal_lm, load_tokenizer, reference_context, save_pretrained_atomic, token_logprobs
+from posttrain.recipes.common import load_data, prepare_trainable
+
+Reference = Callable[[PairBatch], torch.Tensor]  # pairs -> (2B,) reference sequence log-probs, no grad
+
+
+# --------------------------------------------------------------------------- sequence log-probs
+
+
+def completion_logps(model, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of completion-token log-probs per row, (2B,), and completion-token counts, (2B,)."""
+    logp = token_logprobs(model, pairs.input_ids, pairs.attention_mask, pairs.position_ids)  # (2B, T-1)
+    mask = pairs.completion_mask.bool()  # (2B, T-1): target t+1 is a completion token
+    # where, not multiply: a pad position's value is whatever the model computed there (even non-finite)
+    return torch.where(mask, logp, 0.0).sum(-1), mask.sum(-1)  # (2B,), (2B,)
+
+
+def frozen_reference(model) -> Reference:
+    """A model that is not trained (a separate copy, or the policy before training starts)."""
+    def reference(pairs: PairBatch) -> torch.Tensor:
+        with torch.no_grad():
+            return completion_logps(model, pairs)[0]
+    return reference
+
+
+def adapter_free_reference(model) -> Reference:
+    """The LoRA policy with its adapter disabled: the base model, with no second copy in memory."""
+    def reference(pairs: PairBatch) -> torch.Tensor:
+        with torch.no_grad(), reference_context(model) as base:
+            return completion_logps(base, pairs)[0]
+    return reference
+
+
+def cache_reference(items: list[dict], reference: Reference, pad_id: int, device, batch_size: int) -> None:
+    """Store `ref_chosen` / `ref_rejected` (floats) in every item: one no-grad pass."""
+    for i in range(0, len(items), batch_size):
+        chunk = items[i: i + batch_size]
+        ref = reference(collate_pairs(chunk, pad_id).to(device)).float().cpu()  # (2B,)
+        for k, item in enumerate(chunk):
+            item["ref_chosen"], item["ref_rejected"] = float(ref[k]), float(ref[len(chunk) + k])
+
+
+# --------------------------------------------------------------------------- batches and loss
+
+
+@dataclass
+class DPOBatch:
+    """pairs: a PairBatch (2B rows, chosen then rejected); ref_logps (2B,) cached reference log-probs or None."""
+
+    pairs: PairBatch
+    ref_logps: torch.Tensor | None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pairs.num_pairs
+
+    def to(self, device) -> "DPOBatch":
+        return DPOBatch(self.pairs.to(device), None if self.ref_logps is None else self.ref_logps.to(device))
+
+
+def collate_dpo(pad_id: int, device) -> Callable[[list[dict]], DPOBatch]:
+    def collate(items: list[dict]) -> DPOBatch:
+        ref = None
+        if all("ref_chosen" in it for it in items):
+            ref = torch.tensor([it["ref_chosen"] for it in items] + [it["ref_rejected"] for it in items])  # (2B,)
+        return DPOBatch(collate_pairs(items, pad_id), ref).to(device)
+    return collate
+
+
+def dpo_objective(cfg: DPOConfig, reference: Reference | None = None):
+    """`loss_fn(model, batch) -> (sum of per-pair losses, stats as sums over pairs)` for `engine.train_step`.
+
+    The reference log-probs come from the batch when cached, else from `reference`."""
+    def loss_fn(model, batch: DPOBatch):
+        b = batch.num_pairs
+        logps, n_tokens = completion_logps(model, batch.pairs)  # (2B,), (2B,)
+        ref = batch.ref_logps if batch.ref_logps is not None else reference(batch.pairs)  # (2B,)
+        per_pair, stats = dpo_loss(logps[:b], logps[b:], ref[:b].to(logps.dtype), ref[b:].to(logps.dtype),
+                                   beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)  # (B,)
+        if cfg.sft_weight:
+            nll = -logps[:b] / n_tokens[:b].clamp(min=1)  # (B,) token-mean NLL of each chosen completion
+            per_pair = per_pair + cfg.sft_weight * nll
+            stats["nll_loss"] = nll.detach().mean()
+        # dpo_loss's stats are batch means; the engine wants sums, which it divides by the step's pairs
+        return per_pair.sum(), {k: v * b for k, v in stats.items()}
+    return loss_fn
+
+
+def dpo_evaluate(items: list[dict], collate, loss_fn, batch_size: int):
+    """Mean loss and DPO metrics over the held-out pairs, prefixed `eval_`."""
+    def evaluate(model) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for i in range(0, len(items), batch_size):
+            loss_sum, stats = loss_fn(model, collate(items[i: i + batch_size]))
+            for k, v in {"loss": loss_sum, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {f"eval_{k}": v / max(len(items), 1) for k, v in sums.items()}
+    return evaluate
+
+
+def check_config(cfg: DPOConfig) -> None:
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"`loss_type` must be one of {', '.join(LOSS_TYPES)}, got {cfg.loss_type!r}")
+    if cfg.beta <= 0:
+        raise ConfigError(f"`beta` must be > 0, got {cfg.beta}")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"`label_smoothing` must be in [0, 0.5), got {cfg.label_smoothing}")
+    if cfg.sft_weight < 0:
+        raise ConfigError(f"`sft_weight` must be >= 0, got {cfg.sft_weight}")
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def main(cfg: DPOConfig) -> dict:
+    check_config(cfg)
+    run = setup_run(cfg, "dpo")
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    device, pad_id = run.device, tok.pad_token_id
+    data = load_data(cfg, tok, "preference", verbose=run.dist.is_main)
+    load = lambda path: disable_dropout(load_causal_lm(path, dtype=cfg.dtype, device=device, tokenizer=tok,  # noqa: E731
+                                                       gradient_checkpointing=cfg.gradient_checkpointing))
+    model = load(cfg.model)
+    ref_model = load(cfg.ref_model).requires_grad_(False).eval() if cfg.ref_model else None
+
+    if cfg.precompute_ref:
+        # the policy before training (and before LoRA) is the starting weights, i.e. the LoRA base
+        cache_reference(data.train + data.eval, frozen_reference(ref_model or model), pad_id, device, cfg.batch_size)
+        ref_model = None
+        if run.dist.is_main:
+            print(f"reference log-probs cached for {len(data.train) + len(data.eval)} pairs", flush=True)
+    elif ref_model is None and cfg.lora.r <= 0:
+        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+
+    run.logger.log(data.summary, step=0)
+    model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type="causal_lm", n_items=len(data.train))
+    reference = None
+    if not cfg.precompute_ref:
+        reference = frozen_reference(ref_model) if ref_model is not None else adapter_free_reference(model)
+    collate = collate_dpo(pad_id, device)
+    loss_fn = dpo_objective(cfg, reference)
+    evaluate = dpo_evaluate(data.eval, collate, loss_fn, cfg.batch_size) if data.eval else None
+    result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=loss_fn,
+                 count_fn=lambda b: b.num_pairs, tokens_fn=lambda b: int(b.pairs.attention_mask.sum()),
+                 evaluate=evaluate, tokenizer=tok)
+    if not result.stopped and run.dist.is_main:
+        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
+        print(f"saved {out}", flush=True)
+    run.close()
+    return {"step": result.step, "stopped": result.stopped, **result.last_metrics, **result.eval_metrics}

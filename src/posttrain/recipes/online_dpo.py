@@ -1,0 +1,262 @@
+"""Iterative online DPO: `posttrain online-dpo` (DPO-Iter; Xu et al. 2024, arXiv 2404.10719, Sec. 5).
+
+For round r = 1..`rounds`:
+  1. take `prompts_per_round` prompts (`prompts`, else `data.train`; every prompt once before any repeats);
+  2. sample `samples_per_prompt` completions of each from the current policy (`rollout.Sampler`, `rollout.*`);
+  3. score them with `reward.*` (reward model, Python function or built-in verifier);
+  4. pair the best with the worst completion of each prompt; a prompt whose samples all score the same
+     gives no pair (a tie carries no preference);
+  5. train offline DPO on the round's pairs for `epochs_per_round` epochs (or `max_steps` steps), with the
+     functions of `recipes/dpo.py` — same loss, same normalisation (a mean over the optimizer step's pairs);
+  6. with `reset_ref_each_round` (DPO-Iter) the trained policy is the next round's reference.
+
+Reference log-probs: the round's pairs are known before its training starts, so with `precompute_ref`
+(default) they are computed in one no-grad pass with the round's reference and cached in the pair items.
+The reference of a round is the policy as it starts the round (DPO-Iter; round 1: `ref_model` if set, else the
+starting weights), or without `reset_ref_each_round` the initial reference for every round: `ref_model`, the
+LoRA base (adapter disabled), or — full fine-tuning — a frozen copy of the starting weights kept in memory.
+`precompute_ref: false` keeps the reference as a live model instead (a copy of the policy at the round's start).
+
+Departures from the textbook / choices:
+- Each round is one DPO run: a fresh AdamW state and learning-rate schedule (warm-up, decay) per round.
+- Every rank samples the same prompts with the same seeded generator, so all ranks hold the same pairs and
+  the DPO loop splits them over ranks as usual (simple, redundant sampling work).
+- Pairs use the sampled token ids as they are (no decode / re-encode round trip); a response that hit
+  `rollout.max_new_tokens` without EOS is used as it is.
+- Held-out gold reward (`eval_gold_reward`, with `eval_task`): GREEDY decoding on the first `eval_prompts`
+  prompts of the task's eval file (`data.eval`, else `eval.jsonl` beside the first prompt file), scored with
+  `tasks.get_task(eval_task).verify_batch`; for the arithmetic task this is the accuracy. Before round 1
+  (round 0: the starting model) and after every round.
+
+Logged per round (step = optimizer steps so far): `round`, `reward/mean` (all samples), `reward/max` (mean over
+prompts of the best sample's reward), `pairs` (kept), `rollout/eos_rate`, `rollout/response_length`,
+`eval_gold_reward`, and the DPO metrics of the round's last optimizer step (`loss`, `rewards/*`, `logps/*`,
+`grad_norm`, `learning_rate`); every DPO step is also logged with its `round`.
+Checkpoints: `checkpoints/step-N` at the end of each round; `resume: auto` continues at the next round (a round
+interrupted part-way is redone from its start).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from posttrain.config import ConfigError, OnlineDPOConfig
+from posttrain.data import epoch_order, load_examples, tokenize_prompt
+from posttrain.engine import (Checkpointer, build_optimizer, build_scheduler, load_checkpoint, resolve_resume, setup_run,
+                              total_steps_for, unwrap, wrap_model)
+from posttrain.engine.loop import fit
+from posttrain.models import apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, save_pretrained_atomic
+from posttrain.recipes.dpo import (adapter_free_reference, cache_reference, check_config, collate_dpo, dpo_objective,
+                                   frozen_reference)
+from posttrain.rewards import build_reward
+from posttrain.rewards.base import prompt_text
+from posttrain.rollout.sampler import Sampler
+
+# --------------------------------------------------------------------------- prompts
+
+
+def load_prompts(sources: list[str], cfg: OnlineDPOConfig, tok) -> tuple[list[dict], int]:
+    """Prompt items `{"messages", "input_ids"}`; prompts longer than max_length - rollout.max_new_tokens are
+    dropped and counted."""
+    examples, _ = load_examples(sources, "prompt", fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
+    budget = cfg.max_length - cfg.rollout.max_new_tokens
+    items = [{"messages": ex.prompt, "input_ids": tokenize_prompt(tok, ex.prompt)} for ex in examples]
+    kept = [it for it in items if 0 < len(it["input_ids"]) <= budget]
+    return kept, len(items) - len(kept)
+
+
+def eval_file(cfg: OnlineDPOConfig, sources: list[str]) -> list[str]:
+    """The held-out prompts: `data.eval`, else `eval.jsonl` beside the first prompt file (or `task:NAME/eval.jsonl`)."""
+    if cfg.data.eval:
+        return list(cfg.data.eval)
+    if sources[0].startswith("task:"):  # a built-in task's file: its eval.jsonl sits beside it
+        return [sources[0].rsplit("/", 1)[0] + "/eval.jsonl"]
+    beside = Path(sources[0]).parent / "eval.jsonl"
+    if not beside.is_file():
+        raise ConfigError(f"`eval_task` is set but there is no held-out prompt file: set data.eval, or put eval.jsonl "
+                          f"beside {sources[0]} (`posttrain task {cfg.eval_task} DIR` writes one)")
+    return [str(beside)]
+
+
+def round_prompts(prompts: list[dict], cfg: OnlineDPOConfig, r: int) -> list[dict]:
+    """Round r's prompts: positions (r-1)*n .. r*n-1 of the concatenated seeded epoch orders."""
+    n, per_round = len(prompts), cfg.prompts_per_round
+    orders: dict[int, list[int]] = {}
+    picked = []
+    for pos in range((r - 1) * per_round, r * per_round):
+        epoch, i = divmod(pos, n)
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n, shuffle=True, seed=cfg.seed, epoch=epoch)
+        picked.append(prompts[orders[epoch][i]])
+    return picked
+
+
+# --------------------------------------------------------------------------- sample, score, pair
+
+
+def sample_pairs(sampler: Sampler, tok, reward, prompts: list[dict], k: int, generator) -> tuple[list[dict], dict]:
+    """Best-vs-worst preference items (token ids) from k scored samples per prompt, and the round's sample stats."""
+    rollout = sampler.generate([p["input_ids"] for p in prompts], num_samples=k, generator=generator)  # N = P*k rows
+    texts = rollout.texts(tok)
+    scores = reward([prompts[i]["messages"] for i in rollout.prompt_index.tolist()], texts).view(len(prompts), k)  # (P, k)
+    lengths = rollout.response_lengths().tolist()  # (N,)
+    pairs = []
+    for i, prompt in enumerate(prompts):
+        best, worst = int(scores[i].argmax()), int(scores[i].argmin())
+        if scores[i, best] == scores[i, worst]:
+            continue  # a tie: no preference to learn
+        chosen, rejected = i * k + best, i * k + worst
+        pairs.append({"prompt_ids": prompt["input_ids"],
+                      "chosen_ids": rollout.response_ids[chosen, : lengths[chosen]].tolist(),
+                      "rejected_ids": rollout.response_ids[rejected, : lengths[rejected]].tolist()})
+    stats = {"reward/mean": float(scores.mean()), "reward/max": float(scores.max(dim=1).values.mean()),
+             "pairs": len(pairs), "rollout/eos_rate": float(rollout.ended_with_eos.float().mean()),
+             "rollout/response_length": float(rollout.response_lengths().float().mean())}
+    return pairs, stats
+
+
+def gold_reward(sampler: Sampler, tok, task, prompts: list[dict]) -> float:
+    """Mean verifier score of greedy completions of the held-out prompts."""
+    rollout = sampler.generate([p["input_ids"] for p in prompts], greedy=True)
+    scores = task.verify_batch([prompt_text(p["messages"]) for p in prompts], rollout.texts(tok))
+    return sum(scores) / max(len(scores), 1)
+
+
+# --------------------------------------------------------------------------- one round of DPO
+
+
+class RoundLogger:
+    """The run's logger with the round's step offset and a `round` field on every record."""
+
+    def __init__(self, logger, offset: int, r: int):
+        self.logger, self.offset, self.r = logger, offset, r
+
+    def log(self, metrics: dict, *, step: int, epoch: float | None = None) -> dict:
+        return self.logger.log({"round": self.r, **metrics}, step=self.offset + step)
+
+
+def train_round(run, cfg: OnlineDPOConfig, model, tok, pairs: list[dict], reference, r: int, offset: int):
+    """Offline DPO on this round's pairs (reference log-probs cached in the items, or `reference` live)."""
+    round_cfg = dataclasses.replace(cfg, num_epochs=float(cfg.epochs_per_round), resume="false",
+                                    save=dataclasses.replace(cfg.save, steps=0))
+    scratch = run.output_dir / f".round-{r}"  # where fit would put a checkpoint on a stop signal
+    round_run = dataclasses.replace(run, cfg=round_cfg, logger=RoundLogger(run.logger, offset, r),
+                                    checkpointer=Checkpointer(scratch, keep=1))
+    optimizer = build_optimizer(model, round_cfg)
+    scheduler = build_scheduler(optimizer, round_cfg, total_steps_for(len(pairs), round_cfg, run.dist.world_size))
+    result = fit(round_run, model, optimizer, scheduler, pairs, collate=collate_dpo(tok.pad_token_id, run.device),
+                 loss_fn=dpo_objective(cfg, reference), count_fn=lambda b: b.num_pairs,
+                 tokens_fn=lambda b: int(b.pairs.attention_mask.sum()), tokenizer=tok)
+    if run.dist.is_main:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def round_reference(cfg: OnlineDPOConfig, r: int, model, initial):
+    """Round r's reference: the policy as it starts the round (DPO-Iter), or the initial reference."""
+    if initial is not None and (r == 1 or not cfg.reset_ref_each_round):
+        return initial
+    if cfg.precompute_ref:
+        return frozen_reference(model)  # used before the round's first update: it is the round-start policy
+    return frozen_reference(copy.deepcopy(unwrap(model)).requires_grad_(False))
+
+
+def initial_reference(cfg: OnlineDPOConfig, model, load):
+    """`ref_model`; or, when the reference never resets, the starting weights (LoRA base or a frozen copy);
+    None when round 1's reference is simply the policy as it starts."""
+    if cfg.ref_model:
+        return frozen_reference(load(cfg.ref_model).requires_grad_(False))
+    if cfg.reset_ref_each_round:
+        return None
+    if cfg.lora.r > 0:
+        return adapter_free_reference(model)
+    return frozen_reference(load(cfg.model).requires_grad_(False))
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def check_online_config(cfg: OnlineDPOConfig) -> None:
+    check_config(cfg)
+    for key in ("rounds", "prompts_per_round", "epochs_per_round"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"`{key}` must be >= 1, got {getattr(cfg, key)}")
+    if cfg.samples_per_prompt < 2:
+        raise ConfigError(f"`samples_per_prompt` must be >= 2 to form a pair, got {cfg.samples_per_prompt}")
+    if not (cfg.prompts or cfg.data.train):
+        raise ConfigError("no prompts: set `prompts` (or data.train) to a prompt file, e.g. a task's prompts.jsonl")
+
+
+def main(cfg: OnlineDPOConfig) -> dict:
+    check_online_config(cfg)
+    run = setup_run(cfg, "online-dpo")
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    device, is_main = run.device, run.dist.is_main
+    sources = list(cfg.prompts or cfg.data.train)
+    prompts, dropped = load_prompts(sources, cfg, tok)
+    if not prompts:
+        raise ConfigError(f"no usable prompt in {', '.join(sources)} ({dropped} longer than max_length - rollout.max_new_tokens)")
+    task, held_out = None, []
+    if cfg.eval_task:
+        from posttrain.tasks import get_task
+
+        task = get_task(cfg.eval_task)
+        held_out = load_prompts(eval_file(cfg, sources), cfg, tok)[0][: cfg.eval_prompts]
+    reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
+    load = lambda path: disable_dropout(load_causal_lm(path, dtype=cfg.dtype, device=device, tokenizer=tok,  # noqa: E731
+                                                       gradient_checkpointing=cfg.gradient_checkpointing))
+    model = apply_lora(apply_freeze(load(cfg.model), cfg.freeze), cfg.lora, "causal_lm")
+    trainable, total = count_parameters(model)
+    if is_main:
+        print(f"prompts: {len(prompts)} ({dropped} too long); model: {total / 1e6:.2f}M parameters, "
+              f"{trainable / 1e6:.2f}M trainable", flush=True)
+    start, step = 1, 0
+    resume_from = resolve_resume(cfg.resume, run.output_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=model)
+        start, step = int(state["round"]) + 1, int(state["step"])
+        if is_main:
+            print(f"resumed from {resume_from}: round {start - 1} done, step {step}", flush=True)
+    initial = initial_reference(cfg, model, load)
+    model = wrap_model(model, run.dist)
+    sampler = Sampler(unwrap(model), tok, cfg.rollout)
+    record: dict = {}
+    if task is not None and start == 1:
+        record = run.logger.log({"round": 0, "eval_gold_reward": gold_reward(sampler, tok, task, held_out)}, step=0)
+
+    for r in range(start, cfg.rounds + 1):
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r)  # the round's samples: (seed, r) only
+        pairs, stats = sample_pairs(sampler, tok, reward, round_prompts(prompts, cfg, r), cfg.samples_per_prompt, generator)
+        last: dict = {}
+        if pairs:
+            reference = round_reference(cfg, r, model, initial)
+            if cfg.precompute_ref:
+                cache_reference(pairs, reference, tok.pad_token_id, device, cfg.batch_size)
+            result = train_round(run, cfg, model, tok, pairs, None if cfg.precompute_ref else reference, r, step)
+            if result.stopped:
+                if is_main:
+                    print(f"stopped in round {r}; resume=auto redoes it from the end of round {r - 1}", flush=True)
+                run.close()
+                return {"round": r - 1, "step": step, "stopped": True}
+            step += result.step
+            last = {k: v for k, v in result.last_metrics.items() if k not in ("step", "epoch", "round")}
+        elif is_main:
+            print(f"round {r}: every prompt's samples tied; no pairs, no update", flush=True)
+        if task is not None:
+            stats["eval_gold_reward"] = gold_reward(sampler, tok, task, held_out)
+        record = run.logger.log({"round": r, **stats, **last}, step=step)
+        if is_main:
+            print(f"round {r}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()), flush=True)
+        run.checkpointer.save(step, model=unwrap(model), extra={"round": r}, tokenizer=tok)
+
+    if is_main:
+        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
+        print(f"saved {out}", flush=True)
+    run.close()
+    return {"round": cfg.rounds, "step": step, "stopped": False,
+            **{k: v for k, v in record.items() if k not in ("step", "epoch")}}
