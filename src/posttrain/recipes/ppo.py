@@ -1,0 +1,446 @@
+"""PPO for language models: `posttrain ppo` (Ouyang et al. 2022; Huang et al. 2024, arXiv 2403.17031;
+Xu et al. 2024, arXiv 2404.10719), and the critic-free estimators GRPO, RLOO and REINFORCE++.
+
+One iteration = ``rollout.batch_size`` episodes; ``total_episodes // rollout.batch_size`` iterations:
+
+1. Rollout. ``rollout.batch_size / samples_per_prompt`` prompts (a seeded order, a function of seed and
+   iteration only) rendered with the chat template's generation prompt; the policy samples
+   ``samples_per_prompt`` responses each, cut after the first EOS. Dropout is off in every model.
+2. Score. The reward source (``reward.*``, clipped to ``reward.clip``) scores the decoded responses;
+   ``missing_eos_penalty`` is added for a response with no EOS; ``whiten_rewards`` rescales the scores
+   over the batch (std only, the mean is kept so a reward's sign survives — Huang et al.).
+3. Experience, no grad, one pass of each model over the whole batch: old log-probs of the policy and
+   reference log-probs, both at the sampling temperature (logits / T, as the loss); values from the
+   critic. Per-token KL estimate (``kl_estimator``); per-token reward = -kl_coef * kl_t plus the score
+   at the last response token.
+4. Advantages (``advantage_estimator``):
+   gae          GAE(gamma, lam) on the per-token rewards with the critic; returns = A + V;
+   reinforce_pp returns-to-go of the per-token rewards, always whitened over the batch's tokens;
+   rloo         score - kl_coef * sum_t kl_t, minus the mean of the prompt's other samples;
+   grpo         group-normalised score; the KL is not in the reward but in the loss (k3, weight kl_coef).
+   ``whiten_advantages`` whitens gae / rloo advantages over the batch's valid tokens (grpo and
+   reinforce_pp are normalised by definition). Critic-free estimators load no critic at all.
+5. Optimise: ``ppo_epochs`` passes over the batch in shuffled minibatches of ``mini_batch_size``
+   sequences, each one optimizer step over micro-batches of ``batch_size`` sequences
+   (``engine.train_step``). Loss = clipped policy loss (``clip_range``) + vf_coef * clipped value loss
+   (``value_clip``) [+ kl_coef * k3 for grpo].
+   NORMALISATION: every per-token term is summed over the valid response tokens of the whole
+   minibatch and divided by their count (a token mean over the minibatch, exact across micro-batches).
+   After each optimizer step with ``ref_ema = eta > 0``: ref <- eta * policy + (1 - eta) * ref.
+   The adaptive KL controller (``adaptive_kl_target > 0``) updates kl_coef once per iteration.
+
+Departures from the textbook: the critic has its own learning rate (``critic_learning_rate``) through
+its own AdamW parameter group, but actor and critic take ONE joint backward of the summed loss with
+one gradient-norm clip over both, as TRL's PolicyAndValueWrapper (Adam is per-parameter, so the
+parameter group is a separate critic optimiser in all but the clipping). With LoRA the reference is
+the adapter-disabled base (no EMA possible then). One process only for now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from posttrain.config import ConfigError, PPOConfig
+from posttrain.data import epoch_order, load_examples, tokenize_prompt
+from posttrain.engine import Progress, StopSignal, autocast_dtype, build_scheduler, ema_update, resolve_resume, setup_run, train_step
+from posttrain.engine.optim import param_groups
+from posttrain.losses import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, gae_advantages, grpo_advantages,
+                              kl_estimate, masked_whiten, per_token_rewards, policy_loss, reinforce_pp_returns,
+                              rloo_advantages, value_loss)
+from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_causal_lm, load_sequence_classifier,
+                              load_tokenizer, reference_context, save_pretrained_atomic, token_logprobs, token_values)
+from posttrain.rewards import build_reward, prompt_text
+from posttrain.rewards.model import reward_folder
+from posttrain.rollout.sampler import Sampler
+
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def check_config(cfg: PPOConfig) -> None:
+    r = cfg.rollout
+    if cfg.advantage_estimator not in ESTIMATORS:
+        raise ConfigError(f"`advantage_estimator` must be one of {', '.join(ESTIMATORS)}, got {cfg.advantage_estimator!r}")
+    if cfg.kl_estimator not in KL_ESTIMATORS:
+        raise ConfigError(f"`kl_estimator` must be one of {', '.join(KL_ESTIMATORS)}, got {cfg.kl_estimator!r}")
+    if cfg.critic_init not in ("auto", "reward", "policy"):
+        raise ConfigError(f"`critic_init` must be auto, reward or policy, got {cfg.critic_init!r}")
+    if r.backend != "hf":
+        raise ConfigError(f"`rollout.backend: {r.backend}` is not available in posttrain ppo yet; use hf")
+    if r.temperature <= 0:
+        raise ConfigError("`rollout.temperature` must be > 0 for PPO (the loss uses the sampling distribution)")
+    if r.samples_per_prompt < 1 or r.batch_size % r.samples_per_prompt:
+        raise ConfigError(f"`rollout.batch_size` ({r.batch_size}) must be a multiple of `rollout.samples_per_prompt` ({r.samples_per_prompt})")
+    if cfg.advantage_estimator in ("grpo", "rloo") and r.samples_per_prompt < 2:
+        raise ConfigError(f"`advantage_estimator: {cfg.advantage_estimator}` needs `rollout.samples_per_prompt` >= 2 (a group baseline)")
+    if cfg.total_episodes < r.batch_size:
+        raise ConfigError(f"`total_episodes` ({cfg.total_episodes}) is smaller than one rollout batch (`rollout.batch_size` {r.batch_size})")
+    if min(cfg.ppo_epochs, cfg.mini_batch_size, cfg.batch_size) < 1:
+        raise ConfigError("`ppo_epochs`, `mini_batch_size` and `batch_size` must be >= 1")
+    if not 0.0 <= cfg.ref_ema <= 1.0:
+        raise ConfigError(f"`ref_ema` must be in [0, 1], got {cfg.ref_ema}")
+    if cfg.ref_ema > 0 and cfg.lora.r > 0:
+        raise ConfigError("`ref_ema` needs full fine-tuning: with LoRA the reference is the frozen base model")
+
+
+@dataclass
+class Prompts:
+    messages: list[list[dict]]
+    ids: list[list[int]]
+
+
+def load_prompts(sources: list[str], cfg: PPOConfig, tok, limit: int = 0) -> Prompts:
+    """Prompt rows (kind `prompt`) tokenised with the generation prompt; too-long prompts are dropped and counted."""
+    examples, _ = load_examples(sources, "prompt", fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
+    if limit > 0:
+        examples = examples[:limit]
+    budget = cfg.max_length - cfg.rollout.max_new_tokens
+    kept = [(ex.prompt, ids) for ex in examples if len(ids := tokenize_prompt(tok, ex.prompt)) <= budget]
+    if not kept:
+        raise ConfigError(f"{', '.join(sources)}: every prompt is longer than max_length - rollout.max_new_tokens = {budget} tokens")
+    if len(kept) < len(examples):
+        print(f"prompts: dropped {len(examples) - len(kept)} of {len(examples)} longer than {budget} tokens", flush=True)
+    return Prompts([m for m, _ in kept], [i for _, i in kept])
+
+
+def eval_sources(cfg: PPOConfig, prompt_sources: list[str]) -> list[str]:
+    """Held-out prompts: `data.eval`, else the task's eval.jsonl beside the prompts file (or `task:NAME/eval.jsonl`)."""
+    if cfg.data.eval:
+        return list(cfg.data.eval)
+    if prompt_sources[0].startswith("task:"):
+        return [prompt_sources[0].split("/", 1)[0] + "/eval.jsonl"]
+    beside = Path(prompt_sources[0]).parent / "eval.jsonl"
+    if not beside.is_file():
+        raise ConfigError(f"`eval_task` is set but there are no held-out prompts: no {beside}; set data.eval")
+    return [str(beside)]
+
+
+@dataclass
+class Models:
+    policy: nn.Module
+    ref: nn.Module | None  # None: the LoRA policy with its adapter disabled
+    critic: nn.Module | None  # None: a critic-free estimator
+
+
+def load_models(cfg: PPOConfig, tok, device) -> Models:
+    policy = disable_dropout(load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, tokenizer=tok,
+                                            gradient_checkpointing=cfg.gradient_checkpointing))
+    ref = None
+    if cfg.lora.r <= 0:
+        ref = copy.deepcopy(policy).requires_grad_(False).eval()
+    policy = apply_lora(apply_freeze(policy, cfg.freeze), cfg.lora, "causal_lm")
+    critic = None
+    if cfg.advantage_estimator == "gae":
+        init = cfg.critic_init if cfg.critic_init != "auto" else ("reward" if cfg.reward.model else "policy")
+        if init == "reward" and not cfg.reward.model:
+            raise ConfigError("`critic_init: reward` needs `reward.model`; use critic_init=policy")
+        path = reward_folder(cfg.reward.model) if init == "reward" else cfg.model
+        if init == "reward" and load_tokenizer(path).get_vocab() != load_tokenizer(cfg.model).get_vocab():
+            raise ConfigError(f"`critic_init: reward`: {path} has a different tokenizer from the policy; use critic_init=policy")
+        critic = load_sequence_classifier(path, num_labels=1, dtype=cfg.dtype, device=device, tokenizer=tok,
+                                          gradient_checkpointing=cfg.gradient_checkpointing)
+        critic = apply_lora(apply_freeze(disable_dropout(critic), cfg.freeze), cfg.lora, "critic")
+    return Models(policy, ref, critic)
+
+
+def build_ppo_optimizer(cfg: PPOConfig, models: Models) -> torch.optim.AdamW:
+    """AdamW with the actor's parameter groups at learning_rate and the critic's at critic_learning_rate."""
+    groups = param_groups(models.policy, cfg.weight_decay)
+    for g in groups:
+        g["lr"] = cfg.learning_rate
+    if models.critic is not None:
+        for g in param_groups(models.critic, cfg.weight_decay):
+            groups.append({**g, "lr": cfg.critic_learning_rate or cfg.learning_rate})
+    if not groups:
+        raise ConfigError("no trainable parameters: check `lora.r`, `freeze.trainable_layers` and `freeze.extra`")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+# --------------------------------------------------------------------------- experience
+
+
+@dataclass
+class Experience:
+    """One scored rollout batch. N sequences, P = prompt width, R = response width.
+
+    sequences, attention_mask, position_ids: (N, P+R); mask: (N, R) bool, response tokens through EOS;
+    old_logp, ref_logp, advantages: (N, R); values, returns: (N, R), or None without a critic.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_width: int
+    mask: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    advantages: torch.Tensor
+    values: torch.Tensor | None
+    returns: torch.Tensor | None
+
+    def rows(self, index: torch.Tensor) -> Experience:
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Experience(**{k: v[index] if isinstance(v, torch.Tensor) else v for k, v in picked.items()})
+
+
+def response_logprobs(model, seqs, attn, pos, p: int, temperature: float) -> torch.Tensor:
+    """log pi(response token j) at the sampling temperature, (N, R): position P-1+j predicts token P+j."""
+    return token_logprobs(model, seqs, attn, pos, temperature=temperature)[:, p - 1:]
+
+
+def response_values(critic, seqs, attn, pos, p: int) -> torch.Tensor:
+    """V of the state before each response token, (N, R)."""
+    return token_values(critic, seqs, attn, pos)[:, p - 1:-1]
+
+
+def masked_kl(logp, ref_logp, mask, kind: str) -> torch.Tensor:
+    """Per-token KL estimate (N, R), 0 on padding (padding never enters the exp)."""
+    zero = torch.zeros_like(logp)
+    return torch.where(mask, kl_estimate(torch.where(mask, logp, zero), torch.where(mask, ref_logp, zero), kind), zero)
+
+
+def advantages_for(cfg: PPOConfig, scores, kl, values, mask, kl_coef: float):
+    """(advantages (N, R), returns (N, R) or None) for the configured estimator (module doc, step 4)."""
+    est, k = cfg.advantage_estimator, cfg.rollout.samples_per_prompt
+    returns, whiten = None, cfg.whiten_advantages
+    if est == "gae":
+        rewards = per_token_rewards(scores, kl, mask, kl_coef)  # (N, R)
+        adv, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+    elif est == "reinforce_pp":
+        adv, whiten = reinforce_pp_returns(per_token_rewards(scores, kl, mask, kl_coef), mask, cfg.gamma), True
+    elif est == "rloo":
+        adv = rloo_advantages(scores - kl_coef * kl.sum(1), k)[:, None].expand_as(kl)
+    else:
+        adv, whiten = grpo_advantages(scores, k)[:, None].expand_as(kl), False
+    adv = torch.where(mask, adv, torch.zeros_like(adv))
+    if whiten and int(mask.sum()) >= 2:
+        adv = masked_whiten(adv, mask)
+    return adv, returns
+
+
+@torch.no_grad()
+def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: float, amp) -> tuple[Experience, dict]:
+    """Old / reference log-probs and values in one no-grad pass each (under the loss's autocast, so the
+    first ratio is 1); per-token KL; advantages."""
+    seqs, attn, pos, p = batch.sequences, batch.attention_mask, batch.position_ids(), batch.prompt_width
+    mask, temp = batch.response_mask.bool(), cfg.rollout.temperature  # (N, R)
+    cast = torch.autocast(seqs.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with cast:
+        old_logp = response_logprobs(models.policy, seqs, attn, pos, p, temp)
+        if models.ref is not None:
+            ref_logp = response_logprobs(models.ref, seqs, attn, pos, p, temp)
+        else:
+            with reference_context(models.policy) as base:
+                ref_logp = response_logprobs(base, seqs, attn, pos, p, temp)
+        values = response_values(models.critic, seqs, attn, pos, p) if models.critic is not None else None
+    kl = masked_kl(old_logp, ref_logp, mask, cfg.kl_estimator)  # (N, R)
+    adv, returns = advantages_for(cfg, scores, kl, values, mask, kl_coef)
+    zero = torch.zeros_like(old_logp)
+    non_score = (-kl_coef * kl).sum(1)  # (N,)
+    stats = {
+        "objective/kl": float(kl.sum(1).mean()),
+        "objective/entropy": float(torch.where(mask, -old_logp, zero).sum(1).mean()),
+        "objective/non_score_reward": float(non_score.mean()),
+        "objective/rlhf_reward": float((scores + non_score).mean()),
+        "objective/kl_coef": kl_coef,
+    }
+    exp = Experience(seqs, attn, pos, p, mask, old_logp, ref_logp, adv, values, returns)
+    return exp, stats
+
+
+def prompt_indices(n: int, per_iteration: int, cfg: PPOConfig, iteration: int) -> list[int]:
+    """The prompts of one iteration: consecutive slices of seeded epoch orders (resume-exact)."""
+    out, position = [], iteration * per_iteration
+    while len(out) < per_iteration:
+        epoch, offset = divmod(position, n)
+        order = epoch_order(n, shuffle=cfg.data.shuffle, seed=cfg.seed, epoch=epoch)
+        take = order[offset: offset + per_iteration - len(out)]
+        out, position = out + take, position + len(take)
+    return out
+
+
+def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: int, generator, task):
+    """Sample a rollout batch and score it (module doc, steps 1-2). Returns (batch, scores (N,), texts, stats)."""
+    k = cfg.rollout.samples_per_prompt
+    chosen = prompt_indices(len(prompts.ids), cfg.rollout.batch_size // k, cfg, iteration)
+    batch = sampler.generate([prompts.ids[i] for i in chosen], num_samples=k, generator=generator)
+    texts = batch.texts(tok)
+    messages = [prompts.messages[chosen[i]] for i in batch.prompt_index.tolist()]
+    scores = reward(messages, texts).float()  # (N,), clipped by the source when reward.clip > 0
+    scores = scores + cfg.missing_eos_penalty * (~batch.ended_with_eos).float()
+    stats = {"objective/scores": float(scores.mean()), "val/num_eos_tokens": int(batch.ended_with_eos.sum()),
+             "rollout/response_length": float(batch.response_mask.sum(1).mean())}
+    if task is not None:
+        gold = task.verify_batch([prompt_text(m) for m in messages], texts)
+        stats["objective/gold"] = sum(gold) / len(gold)
+    if cfg.whiten_rewards and scores.numel() >= 2:
+        scores = masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False)
+    samples = [{"prompt": prompt_text(messages[i]), "completion": texts[i], "score": float(scores[i])} for i in range(min(2, len(texts)))]
+    return batch, scores, samples, stats
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def ppo_loss_fn(cfg: PPOConfig, kl_coef: float):
+    """loss_fn for train_step: (sum over valid tokens of the per-token loss, stats as (sum, count))."""
+    def loss_fn(model: nn.ModuleDict, mb: Experience):
+        args = (mb.sequences, mb.attention_mask, mb.position_ids, mb.prompt_width)
+        logp = response_logprobs(model["policy"], *args, cfg.rollout.temperature)  # (n, R)
+        loss, stats = policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, cfg.clip_range)  # (n, R)
+        if cfg.advantage_estimator == "grpo":  # Shao et al. 2024 eq. 3: the KL in the loss, not the reward
+            loss = loss + kl_coef * masked_kl(logp, mb.ref_logp, mb.mask, "k3")
+        if "critic" in model:
+            values = response_values(model["critic"], *args)  # (n, R)
+            vloss, vstats = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip)
+            loss, stats = loss + cfg.vf_coef * vloss, {**stats, **vstats}
+        n = mb.mask.sum()
+        return loss.sum(), {k: (v * n, n) for k, v in stats.items()}
+    return loss_fn
+
+
+def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, scheduler, kl_coef, generator) -> dict:
+    """ppo_epochs passes over shuffled minibatches; one train_step (+ reference EMA) per minibatch."""
+    loss_fn, amp = ppo_loss_fn(cfg, kl_coef), autocast_dtype(cfg, run.device)
+    n, sums, steps = exp.mask.shape[0], {}, 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, cfg.mini_batch_size):
+            rows = order[start: start + cfg.mini_batch_size]
+            micro = [exp.rows(rows[i: i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
+            metrics = train_step(trainable, micro, loss_fn, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
+                                 dist=run.dist, count_fn=lambda m: int(m.mask.sum()), autocast_dtype=amp)
+            if cfg.ref_ema > 0:
+                ema_update(models.ref, models.policy, cfg.ref_ema)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+    out = {k: v / steps for k, v in sums.items() if k not in ("count", "loss")}
+    out["learning_rate"] = metrics["learning_rate"]
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(cfg, sampler, tok, task, held_out: Prompts, iteration: int) -> dict:
+    """Held-out gold accuracy of greedy decoding, and of sampling at the training temperature."""
+    questions = [prompt_text(m) for m in held_out.messages]
+    greedy = sampler.generate(held_out.ids, greedy=True).texts(tok)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * iteration + 1)
+    sampled = sampler.generate(held_out.ids, generator=generator).texts(tok)
+    gold_g, gold_s = task.verify_batch(questions, greedy), task.verify_batch(questions, sampled)
+    return {"eval/gold_accuracy": sum(gold_g) / len(gold_g), "eval/sampled_accuracy": sum(gold_s) / len(gold_s)}
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def load_inputs(cfg: PPOConfig, tok):
+    """(training prompts, task or None, held-out prompts or None)."""
+    sources = list(cfg.prompts or cfg.data.train)
+    if not sources:
+        raise ConfigError("no prompts: set `prompts` (or data.train) to a prompt file")
+    prompts = load_prompts(sources, cfg, tok, cfg.data.max_rows)
+    if not cfg.eval_task:
+        return prompts, None, None
+    from posttrain.tasks import get_task
+
+    return prompts, get_task(cfg.eval_task), load_prompts(eval_sources(cfg, sources), cfg, tok, cfg.eval_prompts)
+
+
+def log_iteration(run, cfg: PPOConfig, iteration: int, last: bool, metrics: dict, samples: list, progress) -> dict:
+    """metrics.jsonl, samples.jsonl and a progress line every logging.steps iterations."""
+    record = run.logger.log(metrics, step=iteration)
+    progress.update(1, score=metrics["objective/scores"], kl=metrics["objective/kl"])
+    if run.dist.is_main:
+        with open(run.output_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps({"iteration": iteration, **sample}) + "\n")
+        if iteration % max(1, cfg.logging.steps) == 0 or last:
+            shown = {k: round(record[k], 4) for k in ("objective/scores", "objective/kl", "eval/gold_accuracy") if k in record}
+            progress.write(f"iteration {iteration}: {shown} | {samples[0]['completion']!r}")
+    return record
+
+
+def save_final(run, cfg: PPOConfig, models: Models, tok) -> None:
+    """final/ = the policy's HF folder, final/critic/ = the critic's."""
+    def save_critic(folder: Path) -> None:
+        if models.critic is not None:
+            models.critic.save_pretrained(str(folder / "critic"))
+
+    out = save_pretrained_atomic(models.policy, tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora, extra=save_critic)
+    print(f"saved {out}", flush=True)
+
+
+def main(cfg: PPOConfig) -> dict:
+    check_config(cfg)
+    run = setup_run(cfg, "ppo")
+    if run.dist.world_size > 1:
+        raise ConfigError("posttrain ppo runs on one process; launch it without torchrun / --nproc")
+    device, amp = run.device, autocast_dtype(cfg, run.device)
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    prompts, task, held_out = load_inputs(cfg, tok)
+    models = load_models(cfg, tok, device)
+    reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
+    sampler = Sampler(models.policy, tok, cfg.rollout)
+
+    trainable = nn.ModuleDict({"policy": models.policy, **({"critic": models.critic} if models.critic is not None else {})})
+    state = nn.ModuleDict({**trainable, **({"ref": models.ref} if cfg.ref_ema > 0 else {})})  # what a checkpoint holds
+    optimizer = build_ppo_optimizer(cfg, models)
+    n_iterations = cfg.total_episodes // cfg.rollout.batch_size
+    steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.rollout.batch_size / cfg.mini_batch_size)
+    scheduler = build_scheduler(optimizer, cfg, n_iterations * steps_per_iteration)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
+              if cfg.adaptive_kl_target > 0 else FixedKLController(cfg.kl_coef))
+
+    iteration, record = 0, {}
+    resume_from = resolve_resume(cfg.resume, run.output_dir)
+    if resume_from is not None:
+        saved = run.checkpointer.load(resume_from, model=state, optimizer=optimizer, scheduler=scheduler)
+        iteration, kl_ctl.value = int(saved["step"]), float(saved["kl_coef"])
+        print(f"resumed from {resume_from} at iteration {iteration}", flush=True)
+    elif task is not None:
+        run.logger.log({**evaluate(cfg, sampler, tok, task, held_out, 0), "episodes": 0}, step=0)
+
+    progress = Progress(n_iterations, desc="ppo", enabled=run.dist.is_main and cfg.logging.progress, initial=iteration)
+    with StopSignal() as stop, progress:
+        while iteration < n_iterations:
+            # one generator per iteration for sampling and minibatch order: a resumed run draws the same
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+            t0 = time.perf_counter()
+            batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration, generator, task)
+            exp, exp_stats = make_experience(cfg, models, batch.to(device), scores.to(device), kl_ctl.value, amp)
+            t1 = time.perf_counter()
+            train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator)
+            kl_ctl.update(exp_stats["objective/kl"], cfg.rollout.batch_size)
+            iteration += 1
+            metrics = {**stats, **exp_stats, **train_stats, "rollout/seconds": t1 - t0,
+                       "train/seconds": time.perf_counter() - t1, "episodes": iteration * cfg.rollout.batch_size}
+            if task is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or iteration == n_iterations):
+                metrics.update(evaluate(cfg, sampler, tok, task, held_out, iteration))
+            record = log_iteration(run, cfg, iteration, iteration == n_iterations, metrics, samples, progress)
+            stopping = stop.should_stop(run.dist)
+            if (cfg.save.steps and iteration % cfg.save.steps == 0 and iteration < n_iterations) or stopping:
+                run.checkpointer.save(iteration, model=state, optimizer=optimizer, scheduler=scheduler,
+                                      extra={"kl_coef": kl_ctl.value})
+            if stopping:
+                progress.write(f"{stop.name or 'signal'}: saved checkpoint at iteration {iteration}; resume with resume=auto")
+                run.close()
+                return {"iteration": iteration, "stopped": True, **record}
+    if run.dist.is_main:
+        save_final(run, cfg, models, tok)
+    run.close()
+    return {"iteration": iteration, "stopped": False, **record}

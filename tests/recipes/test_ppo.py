@@ -1,0 +1,147 @@
+"""`posttrain ppo` end to end on tiny models: every estimator runs, a resumed run equals an
+uninterrupted one, the EMA reference moves by exactly eta, a response without EOS is penalised,
+bad configs fail with the key's name. The closed-form optimum check is in test_closed_form_ppo.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from posttrain.cli import main
+from posttrain.config import PPOConfig, RewardConfig, RolloutConfig
+from posttrain.engine import read_metrics
+from posttrain.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from posttrain.recipes.ppo import Prompts, rollout_and_score
+from posttrain.rewards import build_reward
+from posttrain.rollout.sampler import Sampler
+from tests.recipes.test_closed_form_ppo import char_model
+
+TRL_METRICS = ["objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
+               "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+               "val/num_eos_tokens", "rollout/seconds", "train/seconds", "episodes", "learning_rate"]
+
+
+def ppo_args(model, arith_dir, out, *extra):
+    return ["ppo", f"model={model}", f"prompts={arith_dir / 'prompts.jsonl'}", f"output_dir={out}",
+            "reward.task=arithmetic", "rollout.batch_size=8", "rollout.max_new_tokens=8", "total_episodes=16",
+            "mini_batch_size=4", "batch_size=2", "ppo_epochs=1", "learning_rate=1e-3", "logging.progress=false",
+            *extra]
+
+
+def iterations(out):
+    return [r for r in read_metrics(out / "metrics.jsonl") if "objective/kl" in r]
+
+
+def test_gae_with_a_reward_model_critic_logs_trl_metrics_gold_and_saves(tiny_model, arith_dir, tmp_path):
+    """critic_init auto = the reward model; the gold verifier score is logged beside the proxy reward."""
+    rm = tmp_path / "rm"
+    load_sequence_classifier(tiny_model, num_labels=1, tokenizer=load_tokenizer(tiny_model)).save_pretrained(rm)
+    load_tokenizer(tiny_model).save_pretrained(rm)
+    out = tmp_path / "gae"
+    args = ppo_args(tiny_model, arith_dir, out, f"reward.model={rm}", "reward.task=", "eval_task=arithmetic",
+                    "eval_prompts=8", "eval_every=1")
+    assert main(args) == 0
+    rows = iterations(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["episodes"] == 16
+    for r in rows:
+        assert all(k in r for k in TRL_METRICS + ["loss/value_avg", "val/clipfrac_avg", "objective/gold", "eval/gold_accuracy"])
+    # the policy equals the reference before the first update: the KL of the first batch is 0
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[0]["objective/rlhf_reward"] == pytest.approx(rows[0]["objective/scores"] + rows[0]["objective/non_score_reward"], abs=1e-5)
+    start = read_metrics(out / "metrics.jsonl")[0]
+    assert start["step"] == 0 and "eval/sampled_accuracy" in start
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4
+    assert AutoModelForSequenceClassification.from_pretrained(out / "final" / "critic").config.num_labels == 1
+    assert (out / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("estimator,extra", [("grpo", []), ("rloo", ["lora.r=4"]), ("reinforce_pp", ["rollout.samples_per_prompt=1"])])
+def test_critic_free_estimators_run_end_to_end(tiny_model, arith_dir, tmp_path, estimator, extra):
+    out = tmp_path / estimator
+    args = ppo_args(tiny_model, arith_dir, out, f"advantage_estimator={estimator}", "rollout.samples_per_prompt=4", *extra)
+    assert main(args) == 0
+    rows = iterations(out)
+    assert len(rows) == 2 and all(k in r for r in rows for k in TRL_METRICS)
+    assert "loss/value_avg" not in rows[0]  # no critic at all
+    assert not (out / "final" / "critic").exists()
+    # LoRA: the reference is the adapter-disabled base, equal to the policy before the first update
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tiny_model, arith_dir, tmp_path):
+    """Stop a run with SIGTERM after an iteration, resume it with resume=auto: the policy and critic weights equal
+    the uninterrupted run's bit for bit (the EMA reference, optimizer, schedule and adaptive KL state are restored)."""
+    extra = ["total_episodes=48", "ref_ema=0.1", "adaptive_kl_target=0.01", "critic_init=policy", "logging.steps=1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(ppo_args(tiny_model, arith_dir, full, *extra)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", *ppo_args(tiny_model, arith_dir, cut, *extra)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((cut / "metrics.jsonl").is_file() and iterations(cut)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert "saved checkpoint" in out and not (cut / "final").exists()
+    stopped_at = max(int(p.name.split("-")[1]) for p in (cut / "checkpoints").glob("step-*"))
+    assert 1 <= stopped_at < 6
+    assert main(ppo_args(tiny_model, arith_dir, cut, *extra)) == 0
+    assert [r["step"] for r in iterations(cut)][-1] == 6
+    for part in ("model.safetensors", "critic/model.safetensors"):
+        a, b = load_file(full / "final" / part), load_file(cut / "final" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert iterations(full)[-1]["objective/kl_coef"] == iterations(cut)[-1]["objective/kl_coef"] != 0.05
+
+
+def test_reference_ema_moves_exactly_eta_toward_the_policy(tiny_model, arith_dir, tmp_path):
+    """One optimizer step per iteration; after iteration 1: ref_1 = eta * policy_1 + (1 - eta) * ref_0, ref_0 = the start."""
+    eta, out = 0.25, tmp_path / "ema"
+    (tmp_path / "r.py").write_text("def reward(prompts, completions):\n    return [len(c) / 10 for c in completions]\n")
+    assert main(ppo_args(tiny_model, arith_dir, out, f"ref_ema={eta}", "mini_batch_size=8", "advantage_estimator=rloo",
+                         "reward.task=", f"reward.function={tmp_path / 'r.py'}:reward",
+                         "rollout.samples_per_prompt=2", "save.steps=1")) == 0
+    saved = load_file(out / "checkpoints" / "step-1" / "model.safetensors")
+    start = load_causal_lm(tiny_model, tokenizer=load_tokenizer(tiny_model)).state_dict()
+    moved = 0
+    for name, ref0 in start.items():
+        if f"ref.{name}" not in saved:
+            continue  # a tied copy (lm_head = embeddings) is stored once
+        policy1, ref1 = saved[f"policy.{name}"], saved[f"ref.{name}"]
+        torch.testing.assert_close(ref1, eta * policy1 + (1 - eta) * ref0, rtol=0, atol=1e-6)
+        moved += int(not torch.equal(ref1, ref0))
+    assert moved > 0
+
+
+def test_a_response_without_eos_gets_the_penalty(tmp_path):
+    """Char vocabulary, one token per response: a row is EOS (decodes to "") or not. Reward 0.5 for every
+    text and missing_eos_penalty -1 give the score vector 0.5 where the row is EOS, -0.5 elsewhere."""
+    char_model(tmp_path / "m")
+    (tmp_path / "r.py").write_text("def reward(prompts, completions):\n    return [0.5] * len(completions)\n")
+    tok = load_tokenizer(tmp_path / "m")
+    model = load_causal_lm(tmp_path / "m", tokenizer=tok)
+    cfg = PPOConfig(rollout=RolloutConfig(batch_size=256, max_new_tokens=1), reward=RewardConfig(function=f"{tmp_path / 'r.py'}:reward"),
+                    missing_eos_penalty=-1.0)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompts = Prompts([[{"role": "user", "content": "hi"}]], [list(ids)])
+    batch, scores, _, stats = rollout_and_score(cfg, Sampler(model, tok, cfg.rollout), build_reward(cfg.reward), tok, prompts, 0,
+                                                torch.Generator().manual_seed(0), None)
+    has_eos = (batch.response_ids == tok.eos_token_id).any(1)  # (N,)
+    assert 0 < int(has_eos.sum()) < 256  # both kinds occur (the EOS probability is ~1/55 per row)
+    assert torch.equal(scores, torch.where(has_eos, torch.tensor(0.5), torch.tensor(-0.5)))
+    assert stats["val/num_eos_tokens"] == int(has_eos.sum())
+
+
+@pytest.mark.parametrize("bad,key", [(["advantage_estimator=grpo", "rollout.samples_per_prompt=1"], "samples_per_prompt"),
+                                     (["ref_ema=0.1", "lora.r=4"], "ref_ema"), (["kl_estimator=k4"], "kl_estimator"),
+                                     (["rollout.batch_size=6", "rollout.samples_per_prompt=4"], "rollout.batch_size"),
+                                     (["critic_init=reward"], "critic_init")])
+def test_bad_config_names_the_key(tiny_model, arith_dir, tmp_path, capsys, bad, key):
+    assert main(ppo_args(tiny_model, arith_dir, tmp_path / "bad", *bad)) == 2
+    assert key in capsys.readouterr().err
