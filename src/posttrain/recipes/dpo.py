@@ -33,6 +33,7 @@ accumulation and rank split never change it. Logged (TRL's names, means over the
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -168,10 +169,12 @@ def main(cfg: DPOConfig) -> dict:
     model = load(cfg.model)
     ref_model = load(cfg.ref_model).requires_grad_(False).eval() if cfg.ref_model else None
 
+    ref_seconds = 0.0
     if cfg.precompute_ref:
+        t0 = time.perf_counter()
         # the policy before training (and before LoRA) is the starting weights, i.e. the LoRA base
         cache_reference(data.train + data.eval, frozen_reference(ref_model or model), pad_id, device, cfg.batch_size)
-        ref_model = None
+        ref_model, ref_seconds = None, time.perf_counter() - t0
         if run.dist.is_main:
             print(f"reference log-probs cached for {len(data.train) + len(data.eval)} pairs", flush=True)
     elif ref_model is None and cfg.lora.r <= 0:
@@ -187,7 +190,7 @@ def main(cfg: DPOConfig) -> dict:
     evaluate = dpo_evaluate(data.eval, collate, loss_fn, cfg.batch_size) if data.eval else None
     result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=loss_fn,
                  count_fn=lambda b: b.num_pairs, tokens_fn=lambda b: int(b.pairs.attention_mask.sum()),
-                 evaluate=evaluate, tokenizer=tok)
+                 evaluate=evaluate, tokenizer=tok, setup_seconds=ref_seconds)
     if not result.stopped and run.dist.is_main:
         out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
         print(f"saved {out}", flush=True)

@@ -52,6 +52,7 @@ from torch import nn
 from posttrain.config import ConfigError, PPOConfig
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
 from posttrain.engine import Progress, StopSignal, autocast_dtype, build_scheduler, ema_update, resolve_resume, setup_run, train_step
+from posttrain.engine.logging import write_bench_json
 from posttrain.engine.optim import param_groups
 from posttrain.losses import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, gae_advantages, grpo_advantages,
                               kl_estimate, masked_whiten, per_token_rewards, policy_loss, reinforce_pp_returns,
@@ -416,6 +417,7 @@ def main(cfg: PPOConfig) -> dict:
         run.logger.log({**evaluate(cfg, sampler, tok, task, held_out, 0), "episodes": 0}, step=0)
 
     progress = Progress(n_iterations, desc="ppo", enabled=run.dist.is_main and cfg.logging.progress, initial=iteration)
+    loop_start, first_iteration, tokens = time.perf_counter(), iteration, 0
     with StopSignal() as stop, progress:
         while iteration < n_iterations:
             # one generator per iteration for sampling and minibatch order: a resumed run draws the same
@@ -424,6 +426,7 @@ def main(cfg: PPOConfig) -> dict:
             batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration, generator, task)
             exp, exp_stats = make_experience(cfg, models, batch.to(device), scores.to(device), kl_ctl.value, amp)
             t1 = time.perf_counter()
+            tokens += int(batch.attention_mask.sum())
             train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator)
             kl_ctl.update(exp_stats["objective/kl"], cfg.rollout.batch_size)
             iteration += 1
@@ -440,6 +443,9 @@ def main(cfg: PPOConfig) -> dict:
                 progress.write(f"{stop.name or 'signal'}: saved checkpoint at iteration {iteration}; resume with resume=auto")
                 run.close()
                 return {"iteration": iteration, "stopped": True, **record}
+    write_bench_json(steps=iteration - first_iteration, tokens=tokens, wall_s=time.perf_counter() - loop_start,
+                     final_loss=record.get("loss/policy_avg"), params=sum(p.numel() for p in models.policy.parameters()),
+                     units=(iteration - first_iteration) * cfg.rollout.batch_size, unit="episodes")
     if run.dist.is_main:
         save_final(run, cfg, models, tok)
     run.close()
