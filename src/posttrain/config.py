@@ -260,6 +260,7 @@ class DemoConfig:
     quick: bool = opt(False, "the same pipeline in under two minutes (for tests)")
     ablation: bool = opt(False, "run the Xu et al. Table 3 PPO ablation instead")
     seed: int = opt(0, "seed for every stage")
+    force: bool = opt(False, "re-run every stage, even those whose output (final/, eval.json) already exists")
 
 
 @dataclass

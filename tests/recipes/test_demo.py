@@ -1,0 +1,101 @@
+"""`posttrain demo`: the whole pipeline at --quick scale into a temporary folder, rerun skipping, stage failure,
+and the "what this shows" text written from the numbers."""
+
+import json
+import os
+import time
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.config import DemoConfig
+from posttrain.recipes.demo import METHODS, findings, is_fresh, pipeline
+
+STAGES = ["tiny", "task", "sft", "rm", "ppo-rm", "ppo-verifier", "dpo", "sft-chosen", "sft+dpo", "dpo-iter"]
+
+
+def test_quick_demo_end_to_end_then_rerun_skips_done_stages(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", f"output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    # every stage is an ordinary command with a config file under examples/demo/, printed as it runs
+    assert "+ posttrain sft " in printed and "examples/demo/sft.yaml" in printed
+    assert "+ posttrain online-dpo " in printed and "+ posttrain eval " in printed
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    for method in METHODS:
+        assert any(line.startswith(f"| {method} |") for line in table), method
+        ev = json.loads((out / method / "eval.json").read_text())
+        assert {"gold_accuracy", "pass@1", "pass@2", "reward", "kl", "length", "eos_rate"} <= set(ev)
+    assert json.loads((out / "sft" / "eval.json").read_text())["kl"] == 0.0  # SFT against itself
+    for png in ("frontier.png", "ppo_rm_proxy_vs_gold.png", "curve_loss.png"):
+        assert (out / "plots" / png).stat().st_size > 1000, png
+    assert "## What this shows" in report and "## Wall time per stage" in report
+    assert set(json.loads((out / "demo.json").read_text())["seconds"]) >= set(STAGES)
+
+    # rerun: every stage is done; removing one model reruns it and its evaluation only
+    (out / "dpo-iter" / "final" / "config.json").unlink()
+    assert main(["demo", "--quick", f"output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    ran = [line.split()[2] for line in printed.splitlines() if line.startswith("+ posttrain ")]
+    assert ran == ["online-dpo", "eval"]
+    assert "= sft: done" in printed and "= eval ppo-rm: done" in printed
+
+
+def test_other_settings_in_the_same_folder_need_force(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text(json.dumps({"settings": {"task": "arithmetic", "quick": True, "seed": 0,
+                                                            "ablation": False}, "seconds": {}}))
+    assert main(["demo", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "quick: True -> False" in err and "--force" in err
+
+
+def test_a_failing_stage_stops_the_demo_with_its_name(tmp_path, capsys):
+    """A broken model folder where the tiny model should be: `tiny` counts as done, `task` runs, `sft` fails."""
+    out = tmp_path / "demo"
+    (out / "tiny").mkdir(parents=True)
+    (out / "tiny" / "config.json").write_text("{not a model config")
+    assert main(["demo", "--quick", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "demo stage `sft` failed" in err and str(out) in err
+    assert (out / "task" / "eval.jsonl").is_file()  # what the earlier stage wrote stays
+    assert not (out / "sft" / "final").exists() and not (out / "report.md").exists()
+
+
+def test_a_stage_is_stale_when_an_input_is_newer(tmp_path):
+    stages = {s.name: s for s in pipeline("arithmetic", tmp_path)}
+    for rel in ("sft/final/config.json", "dpo/final/config.json"):
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_text("{}")
+    now = time.time()
+    os.utime(tmp_path / "sft/final/config.json", (now - 10, now - 10))
+    assert is_fresh(stages["dpo"], tmp_path, stages)
+    os.utime(tmp_path / "sft/final/config.json", (now + 10, now + 10))  # SFT was retrained after DPO
+    assert not is_fresh(stages["dpo"], tmp_path, stages)
+    assert not is_fresh(stages["ppo-rm"], tmp_path, stages)  # never ran
+
+
+def test_findings_say_plainly_when_a_method_did_not_improve():
+    """200 prompts at p = 0.5: two standard errors of a difference are 2 * sqrt(2 * 0.25 / 200) = 10 points."""
+    ev = lambda acc, kl: {"gold_accuracy": acc, "pass@1": acc, "kl": kl, "eos_rate": 1.0, "num_prompts": 200}  # noqa: E731
+    evals = {"sft": ev(0.50, 0.0), "ppo-verifier": ev(0.70, 3.0), "dpo": ev(0.45, 5.0), "dpo-iter": ev(0.30, 9.0),
+             "ppo-rm": ev(0.52, 1.0)}
+    curves = {"ppo-rm": [{"step": 0, "eval/gold_accuracy": 0.5}, {"step": 1, "objective/scores": -1.0},
+                         {"step": 2, "objective/scores": 2.0, "eval/gold_accuracy": 0.3}]}
+    text = findings(evals, curves, "arithmetic")
+    lines = {line.split()[1]: line for line in text.splitlines() if line.startswith("- ")}
+    assert "ppo-verifier improved on sft (gold accuracy 70.0% vs 50.0%, +20.0%)" in text
+    assert "ppo-rm did NOT improve on sft" in lines["ppo-rm"] and "within noise" in lines["ppo-rm"]
+    assert "dpo did NOT improve on sft" in lines["dpo"] and "within noise" in lines["dpo"]
+    assert "dpo-iter did NOT improve on, and is worse than sft" in lines["dpo-iter"]
+    assert "sft+dpo: no evaluation" in text
+    assert "online DPO vs offline DPO (Xu et al.: DPO-Iter above DPO): dpo-iter did NOT improve on, and is worse than dpo" in text
+    assert "over-optimised the proxy reward" in text
+
+
+def test_unknown_demo_task_is_rejected(tmp_path, capsys):
+    assert main(["demo", "--task", "poetry", f"output_dir={tmp_path}"]) == 2
+    assert "arithmetic or sentiment" in capsys.readouterr().err
+    assert DemoConfig().force is False
