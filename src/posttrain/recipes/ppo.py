@@ -151,6 +151,10 @@ def load_models(cfg: PPOConfig, tok, device) -> Models:
             raise ConfigError(f"`critic_init: reward`: {path} has a different tokenizer from the policy; use critic_init=policy")
         critic = load_sequence_classifier(path, num_labels=1, dtype=cfg.dtype, device=device, tokenizer=tok,
                                           gradient_checkpointing=cfg.gradient_checkpointing)
+        if init == "policy":
+            # A new value head starts at V = 0 rather than at random values: the first advantages are then the
+            # (whitened) returns themselves, not returns minus noise, until the critic has learned something.
+            torch.nn.init.zeros_(critic.score.weight)
         critic = apply_lora(apply_freeze(disable_dropout(critic), cfg.freeze), cfg.lora, "critic")
     return Models(policy, ref, critic)
 
