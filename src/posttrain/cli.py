@@ -130,6 +130,16 @@ def _relaunch(nproc: int, command: str, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def _quiet_libraries() -> None:
+    """posttrain prints its own progress; transformers' per-load progress bars and load reports are noise here."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -152,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
             return _relaunch(nproc, command, rest)
         cfg = load_config(COMMANDS[command], path, overrides)
+        _quiet_libraries()
         module, fn = ENTRY[command].split(":")
         getattr(importlib.import_module(module), fn)(cfg)
     except (ConfigError, PosttrainError) as e:
