@@ -74,6 +74,17 @@ def test_cli_reports_config_errors(capsys):
 
 
 def test_prompts_with_equals_signs_stay_positional():
-    _, ov, _ = parse_args("generate", ["What is 1+2=?", "rollout.temperature=0"])
+    _, ov, _ = parse_args("generate", ["m", "What is 1+2=?", "rollout.temperature=0"])
     cfg = load_config(COMMANDS["generate"], None, ov)
     assert cfg.prompt == ["What is 1+2=?"] and cfg.rollout.temperature == 0
+
+
+def test_generate_takes_the_model_then_prompts():
+    _, ov, _ = parse_args("generate", ["runs/sft/final", "What is 1+2=?", "Hi"])
+    cfg = load_config(COMMANDS["generate"], None, ov)
+    assert cfg.model == "runs/sft/final" and cfg.prompt == ["What is 1+2=?", "Hi"]
+
+
+def test_a_missing_model_folder_is_a_clear_error(capsys):
+    assert main(["generate", "runs/no/such/model", "hi"]) == 2
+    assert "no such folder" in capsys.readouterr().err

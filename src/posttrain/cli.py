@@ -41,7 +41,7 @@ POSITIONAL = {
     "tiny-model": ["output_dir"],
     "report": ["runs*"],
     "eval": ["model"],
-    "generate": ["prompt*"],
+    "generate": ["model", "prompt*"],
 }
 
 USAGE = """usage: posttrain COMMAND [CONFIG.yaml] [key=value ...] [--help] [--nproc N]

@@ -102,6 +102,16 @@ def _pick_pad_token(tok) -> str | None:
     return None
 
 
+def check_model_source(path: str | Path) -> None:
+    """A model must be an existing local folder or something that can be a hub id (`name` or `org/name`);
+    say which key to fix instead of letting the hub client fail on a mistyped local path."""
+    text = str(path)
+    if Path(text).expanduser().exists():
+        return
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or not text:
+        raise ConfigError(f"model `{text}`: no such folder (and not a hub id of the form name or org/name)")
+
+
 def load_tokenizer(path: str | Path, chat_template: str = "auto"):
     """AutoTokenizer from a hub id or folder, with a chat template, a turn-ending EOS and a pad != EOS.
 
@@ -110,6 +120,7 @@ def load_tokenizer(path: str | Path, chat_template: str = "auto"):
     `<|pad|>` when no unused pad-like special token exists; then `len(tok)` exceeds the model's
     embedding rows and `load_causal_lm(..., tokenizer=tok)` resizes them.
     """
+    check_model_source(path)
     tok = AutoTokenizer.from_pretrained(str(path))
     if chat_template == "chatml" or (chat_template == "auto" and not tok.chat_template):
         tok.chat_template = CHATML_TEMPLATE
