@@ -9,7 +9,7 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.config import DemoConfig
-from posttrain.recipes.demo import METHODS, findings, is_fresh, pipeline
+from posttrain.recipes.demo import METHODS, difference, findings, is_fresh, pipeline
 
 STAGES = ["tiny", "task", "sft", "rm", "ppo-rm", "ppo-verifier", "dpo", "sft-chosen", "sft+dpo", "dpo-iter"]
 
@@ -28,9 +28,9 @@ def test_quick_demo_end_to_end_then_rerun_skips_done_stages(tmp_path, capsys):
         ev = json.loads((out / method / "eval.json").read_text())
         assert {"gold_accuracy", "pass@1", "pass@2", "reward", "kl", "length", "eos_rate"} <= set(ev)
     assert json.loads((out / "sft" / "eval.json").read_text())["kl"] == 0.0  # SFT against itself
-    for png in ("frontier.png", "ppo_rm_proxy_vs_gold.png", "curve_loss.png"):
+    for png in ("frontier.png", "ppo_rm_proxy_vs_gold.png", "curves_dpo.png", "curves_ppo.png"):
         assert (out / "plots" / png).stat().st_size > 1000, png
-    assert "## What this shows" in report and "## Wall time per stage" in report
+    assert report.index("## What this shows") < report.index("## Results") < report.index("## Wall time per stage")
     assert set(json.loads((out / "demo.json").read_text())["seconds"]) >= set(STAGES)
 
     # rerun: every stage is done; removing one model reruns it and its evaluation only
@@ -78,7 +78,8 @@ def test_a_stage_is_stale_when_an_input_is_newer(tmp_path):
 
 
 def test_findings_say_plainly_when_a_method_did_not_improve():
-    """200 prompts at p = 0.5: two standard errors of a difference are 2 * sqrt(2 * 0.25 / 200) = 10 points."""
+    """No per-prompt records: the unpaired bound. ppo-verifier vs sft, pooled p = 0.6: SE = sqrt(2 * 0.24 / 200)
+    = 4.9 points; at p = 0.5 two standard errors are 2 * sqrt(2 * 0.25 / 200) = 10 points."""
     ev = lambda acc, kl: {"gold_accuracy": acc, "pass@1": acc, "kl": kl, "eos_rate": 1.0, "num_prompts": 200}  # noqa: E731
     evals = {"sft": ev(0.50, 0.0), "ppo-verifier": ev(0.70, 3.0), "dpo": ev(0.45, 5.0), "dpo-iter": ev(0.30, 9.0),
              "ppo-rm": ev(0.52, 1.0)}
@@ -86,13 +87,29 @@ def test_findings_say_plainly_when_a_method_did_not_improve():
                          {"step": 2, "objective/scores": 2.0, "eval/gold_accuracy": 0.3}]}
     text = findings(evals, curves, "arithmetic")
     lines = {line.split()[1]: line for line in text.splitlines() if line.startswith("- ")}
-    assert "ppo-verifier improved on sft (gold accuracy 70.0% vs 50.0%, +20.0%)" in text
+    assert "ppo-verifier improved on sft (gold accuracy 70.0% vs 50.0%, +20.0 ± 4.9 points)" in text
+    assert "**Improved on SFT:** ppo-verifier (+20.0 ± 4.9 points)." in text
+    assert "**Worse than SFT:** dpo-iter (-20.0 ± 4.9 points)." in text and "**Not evaluated:** sft+dpo." in text
     assert "ppo-rm did NOT improve on sft" in lines["ppo-rm"] and "within noise" in lines["ppo-rm"]
     assert "dpo did NOT improve on sft" in lines["dpo"] and "within noise" in lines["dpo"]
     assert "dpo-iter did NOT improve on, and is worse than sft" in lines["dpo-iter"]
     assert "sft+dpo: no evaluation" in text
     assert "online DPO vs offline DPO (Xu et al.: DPO-Iter above DPO): dpo-iter did NOT improve on, and is worse than dpo" in text
     assert "over-optimised the proxy reward" in text
+
+
+def test_differences_are_paired_over_the_same_prompts():
+    """Per-prompt greedy verdicts a = 1,1,1,0 and b = 1,0,1,0: d = 0,1,0,0, mean 0.25, sample variance
+    (3 * 0.0625 + 0.5625) / 3 = 0.25, SE = sqrt(0.25 / 4) = 0.25. Other prompts: the unpaired bound instead,
+    sqrt(2 * p (1-p) / n) at the pooled p = 0.625: sqrt(2 * 0.234375 / 4) = 0.3423."""
+    def ev(verdicts, prompt="q"):
+        return {"gold_accuracy": sum(verdicts) / 4, "num_prompts": 4,
+                "samples": [{"prompt": f"{prompt}{i}", "greedy_score": float(v)} for i, v in enumerate(verdicts)]}
+
+    d, se = difference(ev([1, 1, 1, 0]), ev([1, 0, 1, 0]), "gold_accuracy")
+    assert d == pytest.approx(0.25) and se == pytest.approx(0.25)
+    d, se = difference(ev([1, 1, 1, 0]), ev([1, 0, 1, 0], prompt="other"), "gold_accuracy")
+    assert d == pytest.approx(0.25) and se == pytest.approx(0.3423, abs=1e-4)
 
 
 def test_unknown_demo_task_is_rejected(tmp_path, capsys):
