@@ -252,6 +252,23 @@ def token_lengths(tok, kind: str, rows: list[dict]) -> list[int]:
     return [n(user(r["prompt"]), gen=True) for r in rows]
 
 
+def after_end_of_turn(tok, kind: str, rows: list[dict]) -> tuple[int, bool]:
+    """(sequences, whether every one ends `eos` + exactly one newline token under the chat template).
+
+    posttrain stops a preference sequence right after the end-of-turn token (nothing after it is trained on);
+    TRL keeps the template's trailing newline. When this holds, posttrain's count is the harness's minus one
+    token per sequence, and that is the whole difference."""
+    if kind != "prefs" or tok.eos_token_id is None:
+        return 0, False
+    seqs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[k]}]
+            for r in rows for k in ("chosen", "rejected")]
+    for msgs in seqs:
+        ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+        if len(ids) < 2 or ids[-2] != tok.eos_token_id or tok.decode(ids[-1:]).strip(" ") != "\n":
+            return len(seqs), False
+    return len(seqs), True
+
+
 def long_rows(tok, n: int, lo: int = 1000, hi: int = 2000, seed: int = 0) -> list[dict]:
     """SFT rows of lo..hi tokens under this tokenizer: word counts scaled by its measured tokens/word."""
     probe = bench_data.make_rows(8, seed, 200, 200)["sft"]
@@ -357,7 +374,7 @@ def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_len
               f"logging.steps={log_every(p)}", "save.steps=0"]
     if p.recipe == "sft":
         return [str(POSTTRAIN), "sft", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
-                f"batch_size={p.batch_size}", "loss_on=completion", *common]
+                f"batch_size={p.batch_size}", "loss_on=completion", "packing=true", *common]
     if p.recipe == "rm":
         return [str(POSTTRAIN), "rm", f"model={rm}", f"data.train={data}", f"max_steps={p.steps}",
                 f"batch_size={p.batch_size}", "normalize=false", *common]
@@ -443,8 +460,11 @@ def summarize(runs: list[Run], p: Plan, fpt: float, peak: float) -> dict | None:
     return s
 
 
-def same_work(p: Plan, a: dict, b: dict, expected: int | None) -> tuple[bool, str]:
-    """Steps equal; tokens equal or within TOKEN_TOLERANCE (PPO: episodes equal, tokens are sampled)."""
+def same_work(p: Plan, a: dict, b: dict, expected: int | None, trailing: tuple[int, bool] = (0, False)) -> tuple[bool, str]:
+    """Steps equal; tokens equal or within TOKEN_TOLERANCE (PPO: episodes equal, tokens are sampled).
+
+    `trailing` = (sequences, verified) from `after_end_of_turn`: when verified and posttrain's count is exactly
+    the peer's minus one token per sequence, the difference is explained and the work is the same."""
     if a["steps"] != b["steps"]:
         return False, f"steps differ: posttrain {a['steps']} vs peer {b['steps']}"
     if a["units"] != b["units"]:
@@ -456,6 +476,13 @@ def same_work(p: Plan, a: dict, b: dict, expected: int | None) -> tuple[bool, st
     if p.recipe == "ppo":
         return True, (f"same steps ({a['steps']}) and episodes ({a['units']}); tokens are sampled, so they differ "
                       f"by design: posttrain {a['tokens']:.0f} vs peer {b['tokens']:.0f} ({100 * d / max(1, b['tokens']):+.1f}%)")
+    n_seqs, newline_after_eot = trailing
+    if newline_after_eot and b["tokens"] - a["tokens"] == n_seqs and (not expected or b["tokens"] == expected):
+        return True, (f"same steps ({a['steps']}) and {UNIT[p.recipe]} ({a['units']}); posttrain {a['tokens']:.0f} vs "
+                      f"peer {b['tokens']:.0f} non-pad tokens: exactly one token per sequence fewer ({n_seqs} sequences): "
+                      "the template's newline after the end-of-turn token, which posttrain does not train on "
+                      "(verified by the harness: every sequence ends end-of-turn + one newline token under the template, "
+                      f"and the peer's count equals the harness's count of the rows{f' ({expected})' if expected else ''})")
     if expected:
         ok, msg = same_work(p, a, b, None)
         return ok, msg + (f"; the rows hold {expected} tokens by the harness's own count "
@@ -525,7 +552,8 @@ def targets(p: Plan, pt: dict | None, peer: dict | None) -> list[str]:
 
 
 def profile(cmd: list[str], env: dict, out: Path, timeout: int) -> str:
-    """One more posttrain run under cProfile; the top functions by own time."""
+    """One more posttrain run under cProfile: the top functions by own time (imports included), then posttrain's
+    own functions by cumulative time (where the training loop's time goes)."""
     import pstats
 
     prof = out / "posttrain.prof"
@@ -540,7 +568,12 @@ def profile(cmd: list[str], env: dict, out: Path, timeout: int) -> str:
     pstats.Stats(str(prof), stream=buf).sort_stats("tottime").print_stats(15)
     text = buf.getvalue()
     start = text.find("   ncalls")
-    return text[start:] if start >= 0 else text
+    own = text[start:] if start >= 0 else text
+    buf = io.StringIO()
+    pstats.Stats(str(prof), stream=buf).sort_stats("cumtime").print_stats(r"src/posttrain/(recipes|engine|models|losses|rollout|rewards|data)/", 15)
+    text = buf.getvalue()
+    start = text.find("   ncalls")
+    return own.rstrip() + "\n\nposttrain functions by cumulative time:\n" + (text[start:] if start >= 0 else text)
 
 
 # --------------------------------------------------------------------------- main
@@ -652,6 +685,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sec.append(f"Work: {p.steps} steps x batch {p.batch_size} ({UNIT[p.recipe]}), max_length {max_length}, lr {p.lr}; "
                        f"row lengths (tokens) min {min(lens)} / median {statistics.median(lens):.0f} / max {max(lens)}.")
+            if p.recipe == "sft":
+                sec.append("posttrain runs its recommended setting `packing=true`: each batch's sequences in one row with no "
+                           "padding and causal attention per sequence (padding-free; the same loss as the padded batch). "
+                           "TRL pads each batch to its longest row (its padding-free mode needs flash-attention, absent on "
+                           "a CPU). The non-pad tokens, i.e. the work, are the same: checked below.")
         sec.append("")
         if not have_pt:
             sec.append(f"**posttrain side not available**: {why_pt}" + "\n")
@@ -664,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         sec += table(p, pt, peer, peer_name)
         sec.append("")
         if pt and peer:
-            ok, msg = same_work(p, pt, peer, expected_tokens)
+            ok, msg = same_work(p, pt, peer, expected_tokens, after_end_of_turn(tok, kind, rows))
             if any(r.result.get("source") == "metrics.jsonl" for r in pt_runs if r.ok):
                 sec.append("- posttrain wrote no `$POSTTRAIN_BENCH_JSON`: its tokens are the harness's count of the rows "
                            "and its loop time is that count / the mean logged `tokens_per_second` (an estimate)")
@@ -672,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
             sec += targets(p, pt, peer)
             missed = any("**missed**" in line for line in targets(p, pt, peer))
             if missed and a.profile:
-                sec += ["", "Profile of one more posttrain run (cProfile, top 15 by own time):", "", "```",
+                sec += ["", "Profile of one more posttrain run (cProfile; top 15 by own time, then posttrain's functions "
+                        "by cumulative time):", "", "```",
                         profile(pcmd, pt_env, case, a.timeout), "```"]
             elif missed:
                 sec.append("- where missed: rerun with `--profile` for a cProfile of the posttrain run, "

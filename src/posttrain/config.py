@@ -137,7 +137,7 @@ class SFTConfig(TrainConfig):
     task: str = opt("causal_lm", "causal_lm (instruction tuning) or classification (new head)")
     num_labels: int = opt(0, "classification: number of labels (0 = from the data)")
     loss_on: str = opt("assistant", "assistant (assistant turns), completion (last assistant turn), or all tokens")
-    packing: bool = opt(False, "pack several sequences per row with no cross-attention between them")
+    packing: bool = opt(False, "padding-free: a micro-batch's sequences in one row, no attention across them")
     learning_rate: float = opt(2e-5, "peak learning rate")
 
 

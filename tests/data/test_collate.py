@@ -14,6 +14,7 @@ from posttrain.data import (
     collate_prompts,
     collate_rankings,
     collate_sft,
+    collate_shared_pairs,
     num_batches,
     pack_sft,
     tokenize_preference,
@@ -146,6 +147,39 @@ def test_left_and_right_padding_give_the_same_logps(tok):
     assert torch.allclose(left, right, atol=1e-10, rtol=0)
     alone = completion_logps(model, collate_pairs(items[:1], tok.pad_token_id))  # batch composition: no effect
     assert torch.allclose(alone, right[[0, 2]], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_rows_give_the_pair_rows_logps_and_gradients(tok, attn):
+    """One row per pair (prompt once, rejected masked from chosen, positions restarting after the prompt) gives each
+    completion's summed log-prob, and its gradients, as the 2B prompt+completion rows. Float64, but Llama's RMSNorm
+    (and eager's softmax) compute in float32: the prompt's gradient, one sum of two flows here and two separate
+    flows there, rounds differently at 1e-7, so gradients agree to 1e-6 (values to 1e-10 with SDPA)."""
+    from posttrain.models import token_logprobs_at
+
+    model = tiny_llama(len(tok), attn)
+    items = pair_items(tok)
+    model.zero_grad()
+    want = completion_logps(model, collate_pairs(items, tok.pad_token_id))  # (4,)
+    want.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    b = collate_shared_pairs(items, tok.pad_token_id)
+    got = torch.where(b.target_mask.bool(), token_logprobs_at(model, b.input_ids, b.attention_mask, b.position_ids,
+                                                              b.source, b.targets), 0.0).sum(-1)  # (4,)
+    got.sum().backward()
+    assert torch.allclose(got, want, atol=1e-10 if attn == "sdpa" else 1e-6, rtol=0)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=0)
+    # by hand, pair 0: prompt P tokens, chosen 2, rejected 4; the rejected ones see the prompt and themselves only
+    p, (c, r) = len(items[0]["prompt_ids"]), (2, 4)
+    mask = b.attention_mask[0, 0]  # (L, L)
+    assert b.input_ids.shape[0] == 2 and b.target_mask.sum(1).tolist() == [2, 5, 4, 2]
+    assert b.position_ids[0, : p + c + r].tolist() == list(range(p + c)) + list(range(p, p + r))
+    assert mask[p + c, :p].all() and not mask[p + c, p: p + c].any() and mask[p + c, p + c]
+    assert b.source[2, :r].tolist() == [p - 1] + list(range(p + c, p + c + r - 1))  # rejected 0: from the prompt
+    assert b.sequence_tokens == sum(2 * len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"])
+                                    for it in items)
 
 
 def test_rankings_make_all_k_choose_2_pairs(tok):

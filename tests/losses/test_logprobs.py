@@ -52,7 +52,8 @@ def test_logprobs_from_hidden_values_and_grads_equal_unchunked_float64():
     targets = torch.randint(0, 11, (2, 5), generator=g)
     upstream = torch.randn(2, 5, dtype=torch.float64, generator=g)
 
-    logp, ent = logprobs_from_hidden(hidden, weight, targets, temperature=0.7, chunk_size=4, return_entropy=True)
+    logp, ent = logprobs_from_hidden(hidden, weight, targets, temperature=0.7, chunk_size=4, return_entropy=True,
+                                     unchunked_bytes=0)
     ((logp * upstream).sum() + ent.sum()).backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -86,9 +87,12 @@ def test_logprobs_from_hidden_never_keeps_full_logits_for_backward():
         return sizes
 
     plain = saved_sizes(lambda: _reference(hidden, weight, targets, 1.0)[0])
-    chunked = saved_sizes(lambda: logprobs_from_hidden(hidden, weight, targets, chunk_size=8))
+    chunked = saved_sizes(lambda: logprobs_from_hidden(hidden, weight, targets, chunk_size=8, unchunked_bytes=0))
     assert max(plain) >= 40 * 50
     assert max(chunked) < 8 * 50
+    # under the byte threshold (40*50*4 bytes here) one piece whose logits autograd keeps: nothing recomputed
+    whole = saved_sizes(lambda: logprobs_from_hidden(hidden, weight, targets, chunk_size=8, unchunked_bytes=40 * 50 * 4))
+    assert max(whole) >= 40 * 50
 
 
 def test_logprobs_from_hidden_no_grad_and_flat_input():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -122,3 +123,30 @@ def test_sequence_scores_match_hf_pooling_and_ignore_padding_side(tiny_dir):
     assert right.shape == (3,)
     torch.testing.assert_close(left, right, rtol=0, atol=1e-10)
     torch.testing.assert_close(right, hf.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_rows_run_padding_free_with_the_padded_values_and_gradients(tiny_dir, checkpointing):
+    """ROWS packed as [row0 | row1] and [row2 | a 4-token fill] (no mask, positions restarting at 0) take the
+    per-sequence attention path (the block-diagonal mask under gradient checkpointing, whose recomputation runs
+    later): log-probs inside each sequence and the summed gradients equal the right-padded batch's in float64,
+    and the model's attention setting is left as it was."""
+    model = load_causal_lm(tiny_dir, dtype="float32", device="cpu", gradient_checkpointing=checkpointing).double()
+    model.train()
+    ids, mask = pad_batch(ROWS, "right")
+    padded = token_logprobs(model, ids, mask)  # (3, 5)
+    inside = [padded[i, : len(r) - 1] for i, r in enumerate(ROWS)]
+    (sum(x.sum() for x in inside)).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    packed_ids = torch.tensor([ROWS[0] + ROWS[1], ROWS[2] + [PAD] * 4])  # (2, 9)
+    positions = torch.tensor([list(range(6)) + list(range(3)), list(range(5)) + list(range(4))])
+    packed = token_logprobs(model, packed_ids, None, positions)  # (2, 8)
+    spans = [packed[0, 0:5], packed[0, 6:8], packed[1, 0:4]]  # a sequence's last position predicts the next one's
+    for got, want in zip(spans, inside):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    (sum(x.sum() for x in spans)).backward()
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-10, rtol=0)
+    assert model.config._attn_implementation == "sdpa"

@@ -6,12 +6,14 @@ from posttrain.data.collate import (
     PromptBatch,
     RankingBatch,
     SFTBatch,
+    SharedPromptPairs,
     batches,
     collate_classification,
     collate_pairs,
     collate_prompts,
     collate_rankings,
     collate_sft,
+    collate_shared_pairs,
     epoch_order,
     num_batches,
     pack_sft,
@@ -51,7 +53,7 @@ from posttrain.data.tokenize import (
 
 __all__ = [
     "CHATML_TEMPLATE", "FORMATS", "IGNORE", "KINDS", "ChatExample", "ClassificationBatch", "ClassificationExample",
-    "DataStats", "Example", "PairBatch", "PreferenceExample", "PromptBatch", "PromptExample", "RankingBatch",
+    "DataStats", "Example", "PairBatch", "PreferenceExample", "PromptBatch", "PromptExample", "RankingBatch", "SharedPromptPairs", "collate_shared_pairs",
     "RankingExample", "Row", "RowError", "SFTBatch", "TextExample", "batches", "collate_classification",
     "collate_pairs", "collate_prompts", "collate_rankings", "collate_sft", "detect_format", "epoch_order",
     "label_maps", "load_examples", "load_rows", "normalize", "num_batches", "pack_sft", "positions_from_mask",

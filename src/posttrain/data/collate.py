@@ -156,6 +156,73 @@ def collate_pairs(items: Sequence[dict], pad_id: int, padding_side: str = "right
 
 
 @dataclass
+class SharedPromptPairs:
+    """B preference pairs, ONE row each: prompt, chosen, rejected, right-padded to L — the prompt runs once.
+
+    The rejected tokens attend to the prompt and to themselves, never to the chosen ones, and their positions
+    continue from the prompt's end, so every completion token sees exactly the context it has in its own
+    prompt+completion row (`collate_pairs`): the same log-probs for 2P + C_w + C_l tokens' worth of sequences
+    from P + C_w + C_l forward tokens.
+
+    input_ids (B, L); attention_mask (B, 1, L, L) bool, True = may attend (a pad attends to itself only);
+    position_ids (B, L); source (2B, C): index into the flattened (B * L) positions of the hidden state that
+    predicts each completion token (rows 0..B-1 chosen, B..2B-1 rejected, as `PairBatch`); targets (2B, C) the
+    completion tokens; target_mask (2B, C) 1 on real ones; margin (B,) or None; sequence_tokens: the tokens of
+    the 2B prompt+completion sequences the pairs stand for."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    source: torch.Tensor
+    targets: torch.Tensor
+    target_mask: torch.Tensor
+    margin: torch.Tensor | None
+    sequence_tokens: int
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "SharedPromptPairs":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SharedPromptPairs(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+                                 move(self.source), move(self.targets), move(self.target_mask), move(self.margin),
+                                 self.sequence_tokens)
+
+
+def collate_shared_pairs(items: Sequence[dict], pad_id: int) -> SharedPromptPairs:
+    """Batch `tokenize_preference` items as `SharedPromptPairs` (one row per pair, the prompt once)."""
+    width = max(len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items)
+    rows, segs, pos = [], [], []
+    chosen, rejected = ([], [], []), ([], [], [])  # (sources, targets, valid) per completion
+    for b, it in enumerate(items):
+        p, c, r = list(it["prompt_ids"]), list(it["chosen_ids"]), list(it["rejected_ids"])
+        rows.append(p + c + r)
+        segs.append([0] * len(p) + [1] * len(c) + [2] * len(r))
+        pos.append(list(range(len(p) + len(c))) + list(range(len(p), len(p) + len(r))))
+        # completion token k is predicted at the position before it: the prompt's last token for k = 0
+        # (with no prompt, token 0 has no predictor and is left out, as in collate_pairs)
+        last_prompt = b * width + len(p) - 1
+        for (src, tgt, ok), tokens, first in ((chosen, c, b * width + len(p)), (rejected, r, b * width + len(p) + len(c))):
+            src.append([last_prompt if k == 0 else first + k - 1 for k in range(len(tokens))])
+            tgt.append(tokens)
+            ok.append([int(k > 0 or len(p) > 0) for k in range(len(tokens))])
+    input_ids = _pad(rows, pad_id, width=width)  # (B, L)
+    seg = _pad(segs, -1, width=width)  # (B, L): 0 prompt, 1 chosen, 2 rejected, -1 pad
+    real = seg >= 0
+    q, k = seg[:, :, None], seg[:, None, :]  # (B, L, 1), (B, 1, L)
+    allowed = torch.ones(width, width, dtype=torch.bool).tril() & real[:, :, None] & real[:, None, :]  # (B, L, L)
+    allowed &= ~((q == 2) & (k == 1))  # rejected never sees chosen
+    allowed |= torch.eye(width, dtype=torch.bool) & ~real[:, :, None]  # a pad attends to itself: no empty row
+    margins = [it.get("margin") for it in items]
+    margin = None if all(m is None for m in margins) else torch.tensor([m or 0.0 for m in margins])  # (B,)
+    n_seq = sum(2 * len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items)
+    return SharedPromptPairs(input_ids, allowed[:, None], _pad(pos, 0, width=width),
+                             _pad(chosen[0] + rejected[0], 0).clamp(min=0),  # (2B, C)
+                             _pad(chosen[1] + rejected[1], pad_id), _pad(chosen[2] + rejected[2], 0), margin, n_seq)
+
+
+@dataclass
 class RankingBatch:
     """All responses of B ranked examples, one row each: input_ids, attention_mask, position_ids (N, T),
     completion_mask (N, T-1) as in `PairBatch`; pairs (P, 2) row indices (better, worse) for every one of the

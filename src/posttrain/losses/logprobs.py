@@ -13,6 +13,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 _EXACT = (torch.float32, torch.float64)
+# Below this many bytes of float32 logits (N x V x 4) the projection runs in one piece with autograd keeping
+# the logits: recomputing them chunk by chunk in the backward pass costs more than the memory it saves.
+UNCHUNKED_LOGIT_BYTES = 64 * 2**20
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, *, chunk_rows: int = 512) -> torch.Tensor:
@@ -86,6 +89,7 @@ def logprobs_from_hidden(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     return_entropy: bool = False,
+    unchunked_bytes: int = UNCHUNKED_LOGIT_BYTES,
 ):
     """Per-token log p(target) under softmax(hidden @ weight.T / temperature), chunked over tokens.
 
@@ -97,6 +101,8 @@ def logprobs_from_hidden(
     At most `chunk_size` rows of logits exist at once. When autograd records, each chunk runs
     under non-reentrant `torch.utils.checkpoint`, so the backward pass recomputes a chunk's
     logits instead of keeping all N x V of them; the gradient is that of the unchunked formula.
+    When all N x V float32 logits fit in `unchunked_bytes` (64 MB by default) they are one chunk, kept for
+    the backward pass instead of recomputed.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -106,12 +112,14 @@ def logprobs_from_hidden(
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden shape without D {tuple(hidden.shape[:-1])}")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     flat_targets = targets.reshape(-1)  # (N,)
-    records = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    checkpointed = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if flat_hidden.shape[0] * weight.shape[0] * 4 <= unchunked_bytes:
+        chunk_size, checkpointed = max(flat_hidden.shape[0], 1), False  # one piece; autograd keeps its logits
     logps, entropies = [], []
     for start in range(0, flat_hidden.shape[0], chunk_size):
         h = flat_hidden[start : start + chunk_size]
         t = flat_targets[start : start + chunk_size]
-        if records:
+        if checkpointed:
             logp, entropy = checkpoint(_chunk_logprobs, h, weight, t, temperature, return_entropy, use_reentrant=False)
         else:
             logp, entropy = _chunk_logprobs(h, weight, t, temperature, return_entropy)

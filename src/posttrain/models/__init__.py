@@ -14,6 +14,7 @@ from posttrain.models.forward import (
     position_ids_from_mask,
     sequence_scores,
     token_logprobs,
+    token_logprobs_at,
     token_values,
     unwrap,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "save_pretrained_atomic",
     "sequence_scores",
     "token_logprobs",
+    "token_logprobs_at",
     "token_values",
     "transformer_blocks",
     "unwrap",

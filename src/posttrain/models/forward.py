@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from posttrain.losses.logprobs import logprobs_from_hidden
 
@@ -32,20 +33,70 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal attention within each packed sequence, one SDPA call per sequence (`_final_hidden`).
+
+    query (B, H, T, d), key/value (B, H_kv, T, d); `posttrain_segments`: (row, start, end) spans covering every
+    row. The same numbers as a block-diagonal mask, without the T x T mask and with the kernel's causal skip:
+    sum n_i^2 / 2 scores instead of B * T^2. Returns (B, T, H, d) like transformers' sdpa_attention_forward.
+    """
+    gqa = query.shape[1] != key.shape[1]
+    rows = [[] for _ in range(query.shape[0])]
+    for row, start, end in kwargs["posttrain_segments"]:
+        rows[row].append(torch.nn.functional.scaled_dot_product_attention(
+            query[row: row + 1, :, start:end], key[row: row + 1, :, start:end], value[row: row + 1, :, start:end],
+            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa))  # (1, H, n, d)
+    out = torch.cat([torch.cat(pieces, dim=2) for pieces in rows])  # (B, H, T, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("posttrain_varlen", _varlen_attention)
+
+
+def _segments(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each packed sequence: a sequence starts where its position id is 0."""
+    width = position_ids.shape[-1]
+    starts = (position_ids == 0).nonzero().tolist()  # [[row, t], ...] in row-major order
+    spans = []
+    for k, (row, start) in enumerate(starts):
+        nxt = starts[k + 1] if k + 1 < len(starts) else None
+        spans.append((row, start, nxt[1] if nxt is not None and nxt[0] == row else width))
+    return spans
+
+
 def _final_hidden(model: nn.Module, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
-    """Final hidden states (B, T, D) after the last norm, from one call of the model's forward."""
+    """Final hidden states (B, T, D) after the last norm, from one call of the model's forward.
+
+    The model's backbone (`base_model`) output is caught by a forward hook, so the top-level forward runs
+    (wrappers see it) without keeping every layer's hidden state. A packed batch (no attention mask, positions
+    restarting at 0 at each sequence, every row starting one) on SDPA/eager attention runs padding-free: causal
+    attention per sequence (`_varlen_attention`), the same numbers as the block-diagonal mask. Not with gradient
+    checkpointing: its recomputation runs after this call, under the model's own attention setting, so there the
+    block-diagonal mask that transformers builds from the position resets is kept.
+    """
+    inner = unwrap(model)
+    config = inner.config
+    packed = (attention_mask is None and position_ids is not None and bool((position_ids[:, 0] == 0).all())
+              and config._attn_implementation in ("sdpa", "eager") and not inner.is_gradient_checkpointing)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        output_hidden_states=True,
-        use_cache=False,
-        **kwargs,
-    )
-    # transformers ties hidden_states[-1] to last_hidden_state (after the final norm).
-    return out.hidden_states[-1]  # (B, T, D)
+    if packed:
+        kwargs["posttrain_segments"] = _segments(position_ids)
+    if inner.base_model is inner:  # no separate backbone to hook: ask for the hidden states
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    output_hidden_states=True, **kwargs)
+        return out.hidden_states[-1]  # (B, T, D); transformers ties it to the final-norm output
+    caught = []
+    hook = inner.base_model.register_forward_hook(lambda _m, _args, out: caught.append(out[0]))
+    previous = config._attn_implementation
+    try:
+        if packed:
+            config._attn_implementation = "posttrain_varlen"
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+    finally:
+        config._attn_implementation = previous
+        hook.remove()
+    return caught[-1]  # (B, T, D): the backbone's last_hidden_state, after the final norm
 
 
 def lm_head_weight(model: nn.Module) -> torch.Tensor:
@@ -84,6 +135,32 @@ def token_logprobs(
     return logprobs_from_hidden(
         hidden[:, :-1], weight, targets, temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy
     )
+
+
+def token_logprobs_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    source: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log p(targets[i, j] | the context of flattened position source[i, j]), shape of `targets`, float32.
+
+    For rows whose tokens do not simply predict their right neighbour, e.g. `data.SharedPromptPairs` (prompt,
+    chosen, rejected in one row): attention_mask (B, 1, L, L) bool (True = may attend), position_ids (B, L),
+    source (N, C) indices into the B * L positions, targets (N, C) token ids.
+    """
+    if attention_mask.dtype == torch.bool and unwrap(model).config._attn_implementation != "sdpa":
+        dtype = next(unwrap(model).parameters()).dtype  # eager adds the mask to the scores
+        attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+            ~attention_mask, torch.finfo(dtype).min)
+    hidden = _final_hidden(model, input_ids, attention_mask, position_ids, logits_to_keep=1)  # (B, L, D)
+    picked = hidden.reshape(-1, hidden.shape[-1])[source.reshape(-1)]  # (N * C, D)
+    logp = logprobs_from_hidden(picked, lm_head_weight(model), targets.reshape(-1), temperature=temperature)
+    return logp.reshape(targets.shape)  # (N, C)
 
 
 def _score_head(model: nn.Module) -> nn.Module:

@@ -5,8 +5,11 @@ The algorithm, as in the paper: for each preference pair (x, y_w, y_l) minimise
     -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
 
 (or the IPO / hinge / robust variant of `loss_type`, `losses/dpo.py`), where a sequence log-prob is the SUM
-of the token log-probs of the completion tokens only — prompt tokens and padding never count. Chosen and
-rejected rows of a batch go through the model in one concatenated (2B, T) forward (`data.collate_pairs`).
+of the token log-probs of the completion tokens only — prompt tokens and padding never count. A batch goes
+through the model in one forward with the prompt computed once per pair (`data.collate_shared_pairs`: one row
+prompt + chosen + rejected, the rejected tokens masked from the chosen ones and positioned right after the
+prompt, so every log-prob is the one of its own prompt + completion row); on attention implementations without
+custom masks (flash-attention) chosen and rejected rows go as one concatenated (2B, T) batch (`data.collate_pairs`).
 
 The reference pi_ref is `ref_model` or, by default, the policy's starting weights. How it is computed:
 
@@ -40,21 +43,34 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.config import ConfigError, DPOConfig
-from posttrain.data import PairBatch, collate_pairs
+from posttrain.data import PairBatch, SharedPromptPairs, collate_pairs, collate_shared_pairs
 from posttrain.engine import setup_run, unwrap
 from posttrain.engine.loop import fit
 from posttrain.losses.dpo import LOSS_TYPES, dpo_loss
-from posttrain.models import disable_dropout, load_causal_lm, load_tokenizer, reference_context, save_pretrained_atomic, token_logprobs
+from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context, save_pretrained_atomic,
+                              token_logprobs, token_logprobs_at, unwrap as unwrap_model)
 from posttrain.recipes.common import load_data, prepare_trainable
 
-Reference = Callable[[PairBatch], torch.Tensor]  # pairs -> (2B,) reference sequence log-probs, no grad
+Pairs = PairBatch | SharedPromptPairs
+Reference = Callable[[Pairs], torch.Tensor]  # pairs -> (2B,) reference sequence log-probs, no grad
 
 
 # --------------------------------------------------------------------------- sequence log-probs
 
 
-def completion_logps(model, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of completion-token log-probs per row, (2B,), and completion-token counts, (2B,)."""
+def pair_collate(model) -> Callable[[list[dict], int], Pairs]:
+    """collate_shared_pairs where the attention takes a custom mask (SDPA, eager), else collate_pairs."""
+    shared = unwrap_model(model).config._attn_implementation in ("sdpa", "eager")
+    return collate_shared_pairs if shared else collate_pairs
+
+
+def completion_logps(model, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of completion-token log-probs per completion, (2B,) chosen then rejected, and their token counts, (2B,)."""
+    if isinstance(pairs, SharedPromptPairs):
+        logp = token_logprobs_at(model, pairs.input_ids, pairs.attention_mask, pairs.position_ids, pairs.source,
+                                 pairs.targets)  # (2B, C)
+        mask = pairs.target_mask.bool()  # (2B, C)
+        return torch.where(mask, logp, 0.0).sum(-1), mask.sum(-1)  # (2B,), (2B,)
     logp = token_logprobs(model, pairs.input_ids, pairs.attention_mask, pairs.position_ids)  # (2B, T-1)
     mask = pairs.completion_mask.bool()  # (2B, T-1): target t+1 is a completion token
     # where, not multiply: a pad position's value is whatever the model computed there (even non-finite)
@@ -77,11 +93,12 @@ def adapter_free_reference(model) -> Reference:
     return reference
 
 
-def cache_reference(items: list[dict], reference: Reference, pad_id: int, device, batch_size: int) -> None:
+def cache_reference(items: list[dict], reference: Reference, pad_id: int, device, batch_size: int,
+                    collate=collate_pairs) -> None:
     """Store `ref_chosen` / `ref_rejected` (floats) in every item: one no-grad pass."""
     for i in range(0, len(items), batch_size):
         chunk = items[i: i + batch_size]
-        ref = reference(collate_pairs(chunk, pad_id).to(device)).float().cpu()  # (2B,)
+        ref = reference(collate(chunk, pad_id).to(device)).float().cpu()  # (2B,)
         for k, item in enumerate(chunk):
             item["ref_chosen"], item["ref_rejected"] = float(ref[k]), float(ref[len(chunk) + k])
 
@@ -91,9 +108,9 @@ def cache_reference(items: list[dict], reference: Reference, pad_id: int, device
 
 @dataclass
 class DPOBatch:
-    """pairs: a PairBatch (2B rows, chosen then rejected); ref_logps (2B,) cached reference log-probs or None."""
+    """pairs: a SharedPromptPairs or PairBatch (chosen then rejected); ref_logps (2B,) cached reference log-probs or None."""
 
-    pairs: PairBatch
+    pairs: Pairs
     ref_logps: torch.Tensor | None
 
     @property
@@ -104,12 +121,12 @@ class DPOBatch:
         return DPOBatch(self.pairs.to(device), None if self.ref_logps is None else self.ref_logps.to(device))
 
 
-def collate_dpo(pad_id: int, device) -> Callable[[list[dict]], DPOBatch]:
+def collate_dpo(pad_id: int, device, pairs=collate_pairs) -> Callable[[list[dict]], DPOBatch]:
     def collate(items: list[dict]) -> DPOBatch:
         ref = None
         if all("ref_chosen" in it for it in items):
             ref = torch.tensor([it["ref_chosen"] for it in items] + [it["ref_rejected"] for it in items])  # (2B,)
-        return DPOBatch(collate_pairs(items, pad_id), ref).to(device)
+        return DPOBatch(pairs(items, pad_id), ref).to(device)
     return collate
 
 
@@ -130,6 +147,12 @@ def dpo_objective(cfg: DPOConfig, reference: Reference | None = None):
         # dpo_loss's stats are batch means; the engine wants sums, which it divides by the step's pairs
         return per_pair.sum(), {k: v * b for k, v in stats.items()}
     return loss_fn
+
+
+def sequence_tokens(batch: DPOBatch) -> int:
+    """Tokens of the batch's 2B prompt+completion sequences (a shared prompt counts for both, as it stands for both)."""
+    pairs = batch.pairs
+    return pairs.sequence_tokens if isinstance(pairs, SharedPromptPairs) else int(pairs.attention_mask.sum())
 
 
 def dpo_evaluate(items: list[dict], collate, loss_fn, batch_size: int):
@@ -173,7 +196,8 @@ def main(cfg: DPOConfig) -> dict:
     if cfg.precompute_ref:
         t0 = time.perf_counter()
         # the policy before training (and before LoRA) is the starting weights, i.e. the LoRA base
-        cache_reference(data.train + data.eval, frozen_reference(ref_model or model), pad_id, device, cfg.batch_size)
+        cache_reference(data.train + data.eval, frozen_reference(ref_model or model), pad_id, device, cfg.batch_size,
+                        pair_collate(ref_model or model))
         ref_model, ref_seconds = None, time.perf_counter() - t0
         if run.dist.is_main:
             print(f"reference log-probs cached for {len(data.train) + len(data.eval)} pairs", flush=True)
@@ -185,11 +209,11 @@ def main(cfg: DPOConfig) -> dict:
     reference = None
     if not cfg.precompute_ref:
         reference = frozen_reference(ref_model) if ref_model is not None else adapter_free_reference(model)
-    collate = collate_dpo(pad_id, device)
+    collate = collate_dpo(pad_id, device, pair_collate(model))
     loss_fn = dpo_objective(cfg, reference)
     evaluate = dpo_evaluate(data.eval, collate, loss_fn, cfg.batch_size) if data.eval else None
     result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=loss_fn,
-                 count_fn=lambda b: b.num_pairs, tokens_fn=lambda b: int(b.pairs.attention_mask.sum()),
+                 count_fn=lambda b: b.num_pairs, tokens_fn=sequence_tokens,
                  evaluate=evaluate, tokenizer=tok, setup_seconds=ref_seconds)
     if not result.stopped and run.dist.is_main:
         out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)

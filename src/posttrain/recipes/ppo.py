@@ -11,7 +11,9 @@ One iteration = ``rollout.batch_size`` episodes; ``total_episodes // rollout.bat
    over the batch (std only, the mean is kept so a reward's sign survives — Huang et al.).
 3. Experience, no grad, one pass of each model over the whole batch: old log-probs of the policy and
    reference log-probs, both at the sampling temperature (logits / T, as the loss); values from the
-   critic. Per-token KL estimate (``kl_estimator``); per-token reward = -kl_coef * kl_t plus the score
+   critic. The old log-probs are the sampler's own (same weights and temperature, dropout off; its KV-cached
+   forward agrees with a recomputation to ~1e-6), so the policy is not run again; under autocast, where the
+   loss's precision differs from the sampler's, they are recomputed in that one pass instead. Per-token KL estimate (``kl_estimator``); per-token reward = -kl_coef * kl_t plus the score
    at the last response token.
 4. Advantages (``advantage_estimator``):
    gae          GAE(gamma, lam) on the per-token rewards with the critic; returns = A + V;
@@ -235,14 +237,16 @@ def advantages_for(cfg: PPOConfig, scores, kl, values, mask, kl_coef: float):
 
 
 @torch.no_grad()
-def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: float, amp) -> tuple[Experience, dict]:
+def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: float, amp,
+                    sampled_logp: torch.Tensor | None = None) -> tuple[Experience, dict]:
     """Old / reference log-probs and values in one no-grad pass each (under the loss's autocast, so the
-    first ratio is 1); per-token KL; advantages."""
+    first ratio is 1); per-token KL; advantages. `sampled_logp` (N, R): the sampler's log-probs, used as the
+    old log-probs instead of a policy pass (module doc, step 3)."""
     seqs, attn, pos, p = batch.sequences, batch.attention_mask, batch.position_ids(), batch.prompt_width
     mask, temp = batch.response_mask.bool(), cfg.rollout.temperature  # (N, R)
     cast = torch.autocast(seqs.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with cast:
-        old_logp = response_logprobs(models.policy, seqs, attn, pos, p, temp)
+        old_logp = sampled_logp if sampled_logp is not None else response_logprobs(models.policy, seqs, attn, pos, p, temp)
         if models.ref is not None:
             ref_logp = response_logprobs(models.ref, seqs, attn, pos, p, temp)
         else:
@@ -428,7 +432,9 @@ def main(cfg: PPOConfig) -> dict:
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
             t0 = time.perf_counter()
             batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration, generator, task)
-            exp, exp_stats = make_experience(cfg, models, batch.to(device), scores.to(device), kl_ctl.value, amp)
+            batch = batch.to(device)
+            exp, exp_stats = make_experience(cfg, models, batch, scores.to(device), kl_ctl.value, amp,
+                                             sampled_logp=batch.logprobs if amp is None else None)
             t1 = time.perf_counter()
             tokens += int(batch.attention_mask.sum())
             train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator)

@@ -6,8 +6,10 @@ Two forms (seed, "SFT"):
   (assistant turns by default, ``loss_on``), the end-of-turn EOS included so the model learns to stop.
   The loss is a token mean over the whole optimizer step: sum of NLL over every target token of every
   micro-batch on every rank, divided by the global count of target tokens (engine/step.py). With
-  ``packing`` several sequences share a row, with positions restarting per sequence and no attention
-  across them, so the loss and gradients equal the padded batch's (tests/data/test_collate.py).
+  ``packing`` the micro-batch's sequences are concatenated into one row with no padding (padding-free),
+  positions restarting per sequence and no attention across them (on SDPA/eager attention one causal attention
+  call per sequence, `models.forward`), so the loss and gradients equal the padded batch's
+  (tests/data/test_collate.py) while no pad token is computed.
 - ``task: classification`` — transfer learning: the pre-trained backbone plus a new, randomly
   initialised classification head (``num_labels``; label names kept in the saved config). Train the
   head and the top ``freeze.trainable_layers`` blocks (or everything, or LoRA); cross-entropy is a
@@ -41,10 +43,11 @@ def lm_loss(model, batch):
 
 
 def lm_batches(items, cfg, pad_id, device):
-    """`collate` for the loop: a right-padded batch, or the same items packed into rows."""
+    """`collate` for the loop: a right-padded batch, or (packing) the same items in one row with no padding."""
     def collate(group):
         if cfg.packing:
-            (batch,) = pack_sft(group, cfg.max_length, pad_id=pad_id, rows_per_batch=len(group))
+            width = sum(len(it["input_ids"]) for it in group)
+            (batch,) = pack_sft(group, width, pad_id=pad_id)  # (1, sum of lengths)
         else:
             batch = collate_sft(group, pad_id)
         return batch.to(device)

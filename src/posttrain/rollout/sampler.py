@@ -209,7 +209,9 @@ class Sampler:
 
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         """Logits of the last position, (A, V) float32."""
-        params = _forward_params(self.model)
+        if getattr(self, "_params_of", (None,))[0] is not self.model:  # inspect once per model, not per token
+            self._params_of = (self.model, _forward_params(self.model))
+        params = self._params_of[1]
         # transformers 5 renamed `past_key_values` to `cache`; older versions only know the first
         kwargs = {"cache" if "cache" in params else "past_key_values": cache}
         if "logits_to_keep" in params:
