@@ -282,6 +282,19 @@ def findings(evals: dict[str, dict], curves: dict[str, list[dict]], task: str) -
                   "standard errors.", "",
               f"- sft: {what} {base[key]:.1%} (greedy), pass@1 {base.get('pass@1', float('nan')):.1%} (sampled).",
               *details]
+    if task != "sentiment" and "pass@1" in base:
+        # RL optimises the sampling distribution, so the sampled accuracy is where it should show first.
+        sampled = {"better": [], "noise": [], "worse": []}
+        for name in METHODS[1:]:
+            if "pass@1" in evals.get(name, {}):
+                d, se = difference(evals[name], base, "pass@1")
+                kind = "better" if d > 2 * se else ("worse" if d < -2 * se else "noise")
+                sampled[kind].append(f"{name} ({100 * d:+.1f} ± {100 * se:.1f})")
+        lines += ["", f"Sampled accuracy (pass@1 at the training temperature, {base.get('num_samples', 4)} samples per "
+                      f"prompt; SFT {base['pass@1']:.1%}) — the distribution RL optimises: "
+                      f"**above SFT:** {', '.join(sampled['better']) or 'none'}; "
+                      f"**within noise:** {', '.join(sampled['noise']) or 'none'}; "
+                      f"**below SFT:** {', '.join(sampled['worse']) or 'none'} (points ± SE, paired over prompts).", ""]
     for a, b, claim in (("ppo-verifier", "dpo", "PPO vs DPO (Xu et al. 2024 found PPO better)"),
                         ("dpo-iter", "dpo", "online DPO vs offline DPO (Xu et al.: DPO-Iter above DPO)"),
                         ("sft+dpo", "dpo", "an extra SFT stage on the chosen responses before DPO")):
