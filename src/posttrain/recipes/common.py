@@ -11,10 +11,10 @@ from typing import Any
 from torch import nn
 
 from posttrain.data import DataStats, label_maps, load_examples, tokenize_examples, train_eval_split
-from posttrain.engine import RunContext, build_optimizer, build_scheduler, wrap_model
+from posttrain.engine import RunContext, build_optimizer, build_scheduler, unwrap, wrap_model
 from posttrain.engine import total_steps_for
 from posttrain.errors import DataError
-from posttrain.models import apply_freeze, apply_lora, count_parameters
+from posttrain.models import apply_freeze, apply_lora, count_parameters, save_pretrained_atomic
 
 
 @dataclass
@@ -67,3 +67,11 @@ def prepare_trainable(cfg: Any, run: RunContext, model: nn.Module, *, task_type:
     n_steps = total_steps_for(n_items, cfg, run.dist.world_size)
     scheduler = build_scheduler(optimizer, cfg, n_steps)
     return model, optimizer, scheduler, n_steps
+
+
+def save_final(run: RunContext, cfg: Any, model: nn.Module, tok: Any) -> None:
+    """`final/`: the trained model as a loadable HF folder (an adapter, plus `merged/` with `save.merge_lora`),
+    written atomically by rank 0."""
+    if run.dist.is_main:
+        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
+        print(f"saved {out}", flush=True)

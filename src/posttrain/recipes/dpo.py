@@ -44,12 +44,12 @@ import torch
 
 from posttrain.config import ConfigError, DPOConfig
 from posttrain.data import PairBatch, SharedPromptPairs, collate_pairs, collate_shared_pairs
-from posttrain.engine import setup_run, unwrap
+from posttrain.engine import setup_run
 from posttrain.engine.loop import fit
 from posttrain.losses.dpo import LOSS_TYPES, dpo_loss
-from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context, save_pretrained_atomic,
+from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context,
                               token_logprobs, token_logprobs_at, unwrap as unwrap_model)
-from posttrain.recipes.common import load_data, prepare_trainable
+from posttrain.recipes.common import load_data, prepare_trainable, save_final
 
 Pairs = PairBatch | SharedPromptPairs
 Reference = Callable[[Pairs], torch.Tensor]  # pairs -> (2B,) reference sequence log-probs, no grad
@@ -215,8 +215,7 @@ def main(cfg: DPOConfig) -> dict:
     result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=loss_fn,
                  count_fn=lambda b: b.num_pairs, tokens_fn=sequence_tokens,
                  evaluate=evaluate, tokenizer=tok, setup_seconds=ref_seconds)
-    if not result.stopped and run.dist.is_main:
-        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
-        print(f"saved {out}", flush=True)
+    if not result.stopped:
+        save_final(run, cfg, model, tok)
     run.close()
     return {"step": result.step, "stopped": result.stopped, **result.last_metrics, **result.eval_metrics}

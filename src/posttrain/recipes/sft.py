@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 from posttrain.config import SFTConfig
 from posttrain.data import IGNORE, collate_classification, collate_sft, pack_sft
-from posttrain.engine import setup_run, unwrap
+from posttrain.engine import setup_run
 from posttrain.engine.loop import fit
 from posttrain.errors import PosttrainError
 from posttrain.losses import sft_loss
-from posttrain.models import load_causal_lm, load_sequence_classifier, load_tokenizer, save_pretrained_atomic, token_logprobs
-from posttrain.recipes.common import load_data, prepare_trainable
+from posttrain.models import load_causal_lm, load_sequence_classifier, load_tokenizer, token_logprobs
+from posttrain.recipes.common import load_data, prepare_trainable, save_final
 
 
 # --------------------------------------------------------------------------- causal LM
@@ -134,8 +134,7 @@ def main(cfg: SFTConfig) -> dict:
     model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type=task_type, n_items=len(data.train))
     result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=loss_fn, count_fn=count_fn,
                  tokens_fn=tokens_fn, evaluate=evaluate, tokenizer=tok)
-    if not result.stopped and run.dist.is_main:
-        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
-        print(f"saved {out}", flush=True)
+    if not result.stopped:
+        save_final(run, cfg, model, tok)
     run.close()
     return {"step": result.step, "stopped": result.stopped, **result.last_metrics, **result.eval_metrics}
