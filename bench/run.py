@@ -17,6 +17,12 @@ Measurements, the same for both sides:
   rusage (``ru_maxrss``; what ``/usr/bin/time -v`` prints as "Maximum resident set size").
 - hardware limit: best of a few float32 2048x2048 ``torch.mm`` at the same thread count;
   achieved model FLOP/s = (FLOPs per token, see ``flops_per_token``) x tokens / wall.
+
+``--device cuda`` runs both sides on the GPU in bfloat16 (weights loaded in bf16, bf16 autocast: posttrain
+``dtype=bfloat16``, the peers ``--device cuda``), adds each side's peak GPU memory
+(``torch.cuda.max_memory_allocated``, judged instead of RSS) and takes the bf16 peak of an 8192^3 matmul as
+the hardware limit. ``--python PY --peer-path DIR --ppo-peer-path DIR`` run posttrain as ``PY -m posttrain``
+and the peers with ``PY`` and DIR in front of ``PYTHONPATH`` instead of the venvs (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -55,6 +61,20 @@ TOKEN_TOLERANCE = 0.02  # token counts may differ by the chat-template / EOS han
 
 
 @dataclass
+class Sides:
+    """How to start each side; the defaults are the CPU benchmark's venvs, main() may replace them."""
+
+    device: str = "cpu"
+    posttrain: list[str] = field(default_factory=lambda: [str(POSTTRAIN)])  # command prefix of `posttrain ...`
+    python: str = str(ROOT / ".venv" / "bin" / "python")  # posttrain's interpreter (import checks, --profile)
+    peer_python: dict[str, str] = field(default_factory=lambda: {r: str(v / "bin" / "python") for r, (v, _) in PEERS.items()})
+    peer_path: dict[str, str] = field(default_factory=dict)  # recipe -> folder put in front of PYTHONPATH
+
+
+SIDES = Sides()
+
+
+@dataclass
 class Plan:
     """The work of one (recipe, scale) pair; both sides get exactly these numbers."""
 
@@ -72,14 +92,22 @@ class Plan:
     response_length: int = 32
 
 
-def plans(quick: bool, only: list[str], scales: list[str]) -> list[Plan]:
+def plans(quick: bool, only: list[str], scales: list[str], device: str = "cpu") -> list[Plan]:
     lr = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-5}
     out: list[Plan] = []
     for scale in scales:
         for r in only:
             if scale == "long" and r != "sft":
                 continue  # the long-sequence case is SFT: cost growth with sequence length
-            if quick:
+            if device == "cuda" and not quick:
+                # A GPU step takes milliseconds: more steps, so the loop, not its first step, is measured; the
+                # process start (imports, model load) is the same on both sides and outside the loop.
+                # the long case on the ~30M model: on a GPU the 0.9M one measures launch overhead only
+                size = {"base": "base", "small": "small", "long": "small"}.get(scale, "tiny")
+                p = Plan(r, scale, size, batch_size=4 if scale == "long" else 8,
+                         steps={"ppo": 4}.get(r, 12 if scale == "long" else 30), lr=lr[r], rollout_batch=16,
+                         mini_batches=2, ppo_epochs=2, response_length=32)
+            elif quick:
                 p = Plan(r, scale, "small" if scale == "small" else "tiny", batch_size=4, steps=3, lr=lr[r],
                          rollout_batch=8, mini_batches=2, ppo_epochs=1, response_length=16)
                 if r == "ppo":
@@ -89,8 +117,8 @@ def plans(quick: bool, only: list[str], scales: list[str]) -> list[Plan]:
                          ppo_epochs=2, response_length=32)
                 if r == "ppo":
                     p.steps = 4
-            elif scale == "small":
-                p = Plan(r, scale, "small", batch_size=8, steps=8, lr=lr[r], rollout_batch=16, mini_batches=2,
+            elif scale in ("small", "base"):
+                p = Plan(r, scale, scale, batch_size=8, steps=8, lr=lr[r], rollout_batch=16, mini_batches=2,
                          ppo_epochs=2, response_length=32)
                 if r == "ppo":
                     p.steps = 2
@@ -124,13 +152,33 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "loadavg_start": os.getloadavg(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
     }
 
 
-def matmul_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
-    """Best float32 FLOP/s of an n x n matmul over ``reps`` timed calls (after one warm-up)."""
+def matmul_peak(threads: int, n: int = 2048, reps: int = 5, device: str = "cpu") -> float:
+    """Best float32 FLOP/s of an n x n matmul over ``reps`` timed calls (after one warm-up).
+
+    On CUDA: the bf16 dense peak, the mean of 10 timed 8192^3 products after 3 warm-ups (what KINDS.md measured
+    on the H200: about 790 TFLOP/s), each run waited for with ``torch.cuda.synchronize``."""
     import torch
 
+    if device == "cuda":
+        n = 8192
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            torch.mm(a, b)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, b)
+        torch.cuda.synchronize()
+        peak = 10 * 2 * n**3 / (time.perf_counter() - t)
+        del a, b
+        torch.cuda.empty_cache()
+        return peak
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
@@ -144,13 +192,13 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
 
 def peer_versions() -> dict[str, str]:
     out = {}
-    for name, env in (("peers", BENCH / ".venv-peers"), ("peers-ppo", BENCH / ".venv-peers-ppo")):
-        py = env / "bin" / "python"
-        if not py.exists():
+    for name, recipe in (("peers", "sft"), ("peers-ppo", "ppo")):
+        py = SIDES.peer_python[recipe]
+        if not Path(py).exists() and not shutil.which(py):
             out[name] = "not installed"
             continue
-        r = subprocess.run([str(py), "-c", "import trl, transformers, torch; print(trl.__version__, transformers.__version__, torch.__version__)"],
-                           capture_output=True, text=True)
+        r = subprocess.run([py, "-c", "import trl, transformers, torch; print(trl.__version__, transformers.__version__, torch.__version__)"],
+                           capture_output=True, text=True, env=child_env(1, peer=recipe))
         out[name] = r.stdout.strip() or f"broken: {r.stderr.strip()[-200:]}"
     return out
 
@@ -164,12 +212,12 @@ def run_quiet(cmd: list[str], env: dict | None = None, timeout: int = 600) -> su
 
 def posttrain_has(command: str) -> tuple[bool, str]:
     """True when ``posttrain COMMAND`` exists and its module imports."""
-    if not POSTTRAIN.exists():
-        return False, f"{POSTTRAIN} not found (run `make setup`)"
+    if len(SIDES.posttrain) == 1 and not Path(SIDES.posttrain[0]).exists():
+        return False, f"{SIDES.posttrain[0]} not found (run `make setup`)"
     module = {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "tiny-model": None, "task": None}.get(command)
     check = {"tiny-model": "import posttrain.models.tiny as m; m.main",
              "task": "import posttrain.tasks as m; m.main"}.get(command, f"import posttrain.recipes.{module} as m; m.main")
-    r = run_quiet([str(ROOT / ".venv" / "bin" / "python"), "-c", check])
+    r = run_quiet([SIDES.python, "-c", check])
     if r.returncode != 0:
         return False, (r.stderr.strip().splitlines() or ["import failed"])[-1]
     return True, ""
@@ -181,15 +229,15 @@ def build_model(out: Path, size: str, need_positions: int, notes: list[str]) -> 
         return out
     ok, why = posttrain_has("tiny-model")
     if ok:
-        r = run_quiet([str(POSTTRAIN), "tiny-model", str(out), f"size={size}"])
+        r = run_quiet([*SIDES.posttrain, "tiny-model", str(out), f"size={size}"])
         cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
         if r.returncode == 0 and cfg.get("max_position_embeddings", 0) >= need_positions:
-            notes.append(f"model `{size}`: `posttrain tiny-model {out.relative_to(ROOT)} size={size}`")
+            notes.append(f"model `{size}`: `posttrain tiny-model {rel(out)} size={size}`")
             return out
         why = r.stderr.strip()[-300:] if r.returncode else f"max_position_embeddings {cfg.get('max_position_embeddings')} < {need_positions}"
         shutil.rmtree(out, ignore_errors=True)
     bench_data.build_model(out, size=size)
-    notes.append(f"model `{size}` at {out.relative_to(ROOT)}: bench/data.py's own (posttrain tiny-model not used: {why})")
+    notes.append(f"model `{size}` at {rel(out)}: bench/data.py's own (posttrain tiny-model not used: {why})")
     return out
 
 
@@ -225,11 +273,11 @@ def task_rows(out: Path, n: int, notes: list[str]) -> dict[str, list[dict]] | No
     if not ok:
         notes.append(f"data: bench/data.py's mixed-length rows (`posttrain task` not available: {why})")
         return None
-    r = run_quiet([str(POSTTRAIN), "task", "arithmetic", str(out), f"n_train={n}", "n_eval=16"])
+    r = run_quiet([*SIDES.posttrain, "task", "arithmetic", str(out), f"n_train={n}", "n_eval=16"])
     if r.returncode != 0:
         notes.append(f"data: bench/data.py's mixed-length rows (`posttrain task arithmetic` failed: {r.stderr.strip()[-200:]})")
         return None
-    notes.append(f"data: `posttrain task arithmetic {out.relative_to(ROOT)} n_train={n} n_eval=16`")
+    notes.append(f"data: `posttrain task arithmetic {rel(out)} n_train={n} n_eval=16`")
     return {k: bench_data.read_jsonl(out / f"{k}.jsonl") for k in ("sft", "prefs", "prompts")}
 
 
@@ -285,6 +333,11 @@ def take(rows: list[dict], n: int) -> list[dict]:
     return (rows * (n // max(1, len(rows)) + 1))[:n]
 
 
+def rel(path: Path) -> str:
+    """``path`` relative to the repo when it is inside it (--work may be anywhere)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def round_up(x: int, m: int = 64) -> int:
     return (x + m - 1) // m * m
 
@@ -322,8 +375,11 @@ def run_child(cmd: list[str], env: dict, timeout: int, log: Path) -> tuple[int, 
     return code, wall, ru.ru_maxrss / 1024.0
 
 
-def child_env(threads: int, extra: dict | None = None) -> dict:
+def child_env(threads: int, extra: dict | None = None, peer: str | None = None) -> dict:
+    """The children's environment; ``peer`` (a recipe) puts that peer's ``--peer-path`` in front of PYTHONPATH."""
     env = dict(os.environ)
+    if peer and SIDES.peer_path.get(peer):
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (SIDES.peer_path[peer], env.get("PYTHONPATH")) if x)
     env.update({
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -368,21 +424,22 @@ def from_metrics(out_dir: Path, expected_tokens: int | None) -> dict | None:
 
 
 def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: int) -> list[str]:
-    common = [f"output_dir={out}", f"seed=0", f"dtype=float32", f"max_length={max_length}",
+    dtype = "bfloat16" if SIDES.device == "cuda" else "float32"
+    common = [f"output_dir={out}", "seed=0", f"dtype={dtype}", f"max_length={max_length}",
               f"learning_rate={p.lr}", "lr_scheduler=linear", "warmup_ratio=0", "weight_decay=0",
               "max_grad_norm=1.0", "grad_accum=1", "resume=false", "logging.progress=false",
               f"logging.steps={log_every(p)}", "save.steps=0"]
     if p.recipe == "sft":
-        return [str(POSTTRAIN), "sft", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
+        return [*SIDES.posttrain, "sft", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
                 f"batch_size={p.batch_size}", "loss_on=completion", "packing=true", *common]
     if p.recipe == "rm":
-        return [str(POSTTRAIN), "rm", f"model={rm}", f"data.train={data}", f"max_steps={p.steps}",
+        return [*SIDES.posttrain, "rm", f"model={rm}", f"data.train={data}", f"max_steps={p.steps}",
                 f"batch_size={p.batch_size}", "normalize=false", *common]
     if p.recipe == "dpo":
-        return [str(POSTTRAIN), "dpo", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
+        return [*SIDES.posttrain, "dpo", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
                 f"batch_size={p.batch_size}", "beta=0.1", "loss_type=sigmoid", *common]
     mini = p.rollout_batch // p.mini_batches
-    return [str(POSTTRAIN), "ppo", f"model={model}", f"prompts={data}", f"reward.model={rm}", "critic_init=reward",
+    return [*SIDES.posttrain, "ppo", f"model={model}", f"prompts={data}", f"reward.model={rm}", "critic_init=reward",
             f"rollout.batch_size={p.rollout_batch}", f"mini_batch_size={mini}", f"batch_size={mini}",
             f"ppo_epochs={p.ppo_epochs}", f"total_episodes={p.rollout_batch * p.steps}",
             f"rollout.max_new_tokens={p.response_length}", "rollout.temperature=1.0", "kl_coef=0.05",
@@ -391,10 +448,11 @@ def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_len
 
 
 def peer_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: int, threads: int) -> list[str]:
-    venv, script = PEERS[p.recipe]
-    cmd = [str(venv / "bin" / "python"), str(script), "--model", str(rm if p.recipe == "rm" else model),
+    script = PEERS[p.recipe][1]
+    cmd = [SIDES.peer_python[p.recipe], str(script), "--model", str(rm if p.recipe == "rm" else model),
            "--data", str(data), "--out", str(out), "--max-length", str(max_length), "--steps", str(p.steps),
-           "--lr", str(p.lr), "--threads", str(threads), "--seed", "0", "--log-every", str(log_every(p))]
+           "--lr", str(p.lr), "--threads", str(threads), "--seed", "0", "--log-every", str(log_every(p)),
+           "--device", SIDES.device]
     if p.recipe == "ppo":
         cmd += ["--reward-model", str(rm), "--rollout-batch", str(p.rollout_batch), "--mini-batches",
                 str(p.mini_batches), "--ppo-epochs", str(p.ppo_epochs), "--response-length", str(p.response_length)]
@@ -452,6 +510,7 @@ def summarize(runs: list[Run], p: Plan, fpt: float, peak: float) -> dict | None:
         "units_per_s": m(None, lambda r, k: units / r.result["wall_s"] if r.result.get("wall_s") else None),
         "rss_mb": m(None, lambda r, k: r.rss_mb),
         "self_rss_mb": m("peak_rss_mb"),
+        "gpu_mb": m("peak_gpu_mb"),
         "final_loss": m("final_loss"),
         "process_s": m(None, lambda r, k: r.process_s),
         "spread": (min(r.result["wall_s"] for r in good), max(r.result["wall_s"] for r in good)),
@@ -507,8 +566,9 @@ def fmt(x, spec=".3g", none="-"):
 
 def table(p: Plan, pt: dict | None, peer: dict | None, peer_name: str) -> list[str]:
     unit_s = f"{UNIT[p.recipe]}/s"
-    head = ["side", "steps", "tokens", "wall/step ms", "tokens/s", unit_s, "peak RSS MB", "final loss",
-            "MFU", "process s"]
+    gpu = SIDES.device == "cuda"
+    head = ["side", "steps", "tokens", "wall/step ms", "tokens/s", unit_s, "peak RSS MB", *(["peak GPU MB"] if gpu else []),
+            "final loss", "MFU", "process s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(name, s):
@@ -516,6 +576,7 @@ def table(p: Plan, pt: dict | None, peer: dict | None, peer_name: str) -> list[s
             return f"| {name} | " + " | ".join(["n/a"] * (len(head) - 1)) + " |"
         return (f"| {name} | {s['steps']} | {fmt(s['tokens'], '.0f')} | {fmt(s['wall_per_step_ms'], '.1f')} | "
                 f"{fmt(s['tokens_per_s'], '.0f')} | {fmt(s['units_per_s'], '.2f')} | {fmt(s['rss_mb'], '.0f')} | "
+                + (f"{fmt(s['gpu_mb'], '.0f')} | " if gpu else "") +
                 f"{fmt(s['final_loss'], '.4f')} | {fmt(100 * s['mfu'] if s['mfu'] else None, '.2f')}% | "
                 f"{fmt(s['process_s'], '.1f')} |")
 
@@ -525,7 +586,8 @@ def table(p: Plan, pt: dict | None, peer: dict | None, peer_name: str) -> list[s
         def ratio(k):
             return pt[k] / peer[k] if pt.get(k) and peer.get(k) else None
         lines.append(f"| posttrain / peer | | | {fmt(ratio('wall_per_step_ms'), '.2f')}x | {fmt(ratio('tokens_per_s'), '.2f')}x | "
-                     f"{fmt(ratio('units_per_s'), '.2f')}x | {fmt(ratio('rss_mb'), '.2f')}x | | | {fmt(ratio('process_s'), '.2f')}x |")
+                     f"{fmt(ratio('units_per_s'), '.2f')}x | {fmt(ratio('rss_mb'), '.2f')}x | "
+                     + (f"{fmt(ratio('gpu_mb'), '.2f')}x | " if gpu else "") + f"| | {fmt(ratio('process_s'), '.2f')}x |")
     return lines
 
 
@@ -542,11 +604,13 @@ def targets(p: Plan, pt: dict | None, peer: dict | None) -> list[str]:
         else:
             out.append(f"- speed target ({what} >= {need}x the peer): **missed**, {got:.2f}x "
                        f"(needs {need / got:.2f}x more; {100 * (1 - got / need):.0f}% short)")
-    mem = pt["rss_mb"] / peer["rss_mb"]
+    # on a GPU the memory that limits a run is the GPU's: judged on the allocator's peak, RSS stays in the table
+    key, what = ("gpu_mb", "peak GPU memory") if pt.get("gpu_mb") and peer.get("gpu_mb") else ("rss_mb", "peak RSS")
+    mem = pt[key] / peer[key]
     if mem <= 1.0:
-        out.append(f"- memory target (peak RSS <= the peer's): **met**, {mem:.2f}x ({pt['rss_mb']:.0f} vs {peer['rss_mb']:.0f} MB)")
+        out.append(f"- memory target ({what} <= the peer's): **met**, {mem:.2f}x ({pt[key]:.0f} vs {peer[key]:.0f} MB)")
     else:
-        out.append(f"- memory target (peak RSS <= the peer's): **missed** by {pt['rss_mb'] - peer['rss_mb']:.1f} MB "
+        out.append(f"- memory target ({what} <= the peer's): **missed** by {pt[key] - peer[key]:.1f} MB "
                    f"({mem:.2f}x)")
     return out
 
@@ -557,8 +621,7 @@ def profile(cmd: list[str], env: dict, out: Path, timeout: int) -> str:
     import pstats
 
     prof = out / "posttrain.prof"
-    py = str(ROOT / ".venv" / "bin" / "python")
-    pcmd = [py, "-m", "cProfile", "-o", str(prof), "-m", "posttrain", *cmd[1:]]
+    pcmd = [SIDES.python, "-m", "cProfile", "-o", str(prof), "-m", "posttrain", *cmd[len(SIDES.posttrain):]]
     code, _, _ = run_child(pcmd, env, timeout, out / "profile.log")
     if code != 0 or not prof.exists():
         return f"profile run failed (exit {code}); see {out / 'profile.log'}"
@@ -583,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny scale, few steps, 1 repeat")
     ap.add_argument("--only", default=",".join(RECIPES), help="recipes, comma-separated (sft,rm,dpo,ppo)")
-    ap.add_argument("--scales", default="", help="tiny,small,long (default: all; --quick: tiny)")
+    ap.add_argument("--scales", default="", help="tiny,small,long,base (default: tiny,small,long; --quick: tiny)")
     ap.add_argument("--repeats", type=int, default=0, help="runs per side and case; medians reported (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch / OpenMP threads for both sides")
     ap.add_argument("--data", choices=["auto", "task", "synthetic"], default="auto",
@@ -594,12 +657,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-setup", action="store_true", help="do not run bench/setup_peers.sh")
     ap.add_argument("--work", default=str(BENCH / "work"))
     ap.add_argument("--out", default=str(BENCH / "results.md"))
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: both sides on the GPU in bfloat16, peak GPU memory and the bf16 matmul peak reported")
+    ap.add_argument("--python", default="", help="interpreter for both sides instead of the venvs: posttrain runs as "
+                                                 "`PY -m posttrain` (posttrain importable from PYTHONPATH)")
+    ap.add_argument("--peer-path", default="", help="with --python: folder in front of PYTHONPATH for the SFT/RM/DPO peers")
+    ap.add_argument("--ppo-peer-path", default="", help="with --python: folder in front of PYTHONPATH for the PPO peer")
+    ap.add_argument("--budget", type=float, default=0, help="seconds: start no new case after this much of the run "
+                                                           "(skipped cases are listed; 0 = no limit)")
     a = ap.parse_args(argv)
+    SIDES.device = a.device
+    if a.python:
+        SIDES.posttrain, SIDES.python = [a.python, "-m", "posttrain"], a.python
+        SIDES.peer_python = {r: a.python for r in RECIPES}
+        SIDES.peer_path = {r: a.ppo_peer_path if r == "ppo" else a.peer_path for r in RECIPES}
     only = [r.strip() for r in a.only.split(",") if r.strip()]
     bad = [r for r in only if r not in RECIPES]
     if bad:
         ap.error(f"unknown recipe(s) {bad}; choose from {RECIPES}")
     scales = [s.strip() for s in (a.scales or ("tiny" if a.quick else "tiny,small,long")).split(",") if s.strip()]
+    bad = [s for s in scales if s not in ("tiny", "small", "long", "base")]
+    if bad:
+        ap.error(f"unknown scale(s) {bad}; choose from tiny, small, long, base (~120M, for a GPU)")
     repeats = a.repeats or (1 if a.quick else 3)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -612,19 +691,28 @@ def main(argv: list[str] | None = None) -> int:
         if r.returncode != 0:
             notes.append(f"bench/setup_peers.sh failed (exit {r.returncode}); peers that are not installed show n/a")
     info = machine_info()
-    peak = matmul_peak(a.threads)
-    print(f"matmul peak float32, {a.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    if a.device == "cuda" and not info["gpu"]:
+        ap.error("--device cuda: torch sees no CUDA device")
+    peak = matmul_peak(a.threads, device=a.device)
+    print(f"matmul peak {'bf16 8192^3 on ' + info['gpu'] if a.device == 'cuda' else f'float32, {a.threads} threads'}: "
+          f"{peak / 1e9:.1f} GFLOP/s", flush=True)
     versions = peer_versions()
 
     from transformers import AutoTokenizer
 
-    all_plans = plans(a.quick, only, scales)
+    all_plans = plans(a.quick, only, scales, a.device)
     avail = {r: posttrain_has(r) for r in only}
     sections: list[str] = []
     commands: list[str] = []
     raw: dict = {}
-    for p in all_plans:
+    t_start = time.perf_counter()
+    for n_done, p in enumerate(all_plans):
         key = f"{p.recipe}-{p.scale}"
+        if a.budget and time.perf_counter() - t_start > a.budget:
+            left = ", ".join(f"{q.recipe}-{q.scale}" for q in all_plans[n_done:])
+            notes.append(f"**not run** (the --budget of {a.budget:.0f}s was spent): {left}")
+            print(f"budget spent: skipping {left}", flush=True)
+            break
         print(f"== {key}", flush=True)
         case = work / key
         case.mkdir(parents=True, exist_ok=True)
@@ -656,12 +744,13 @@ def main(argv: list[str] | None = None) -> int:
         pt_json, peer_json = case / "posttrain-bench.json", case / "peer.json"
         pcmd = posttrain_cmd(p, model, rm, data_file, case / "posttrain-out", max_length)
         qcmd = peer_cmd(p, model, rm, data_file, peer_json, max_length, a.threads)
-        env = child_env(a.threads)
+        env = child_env(a.threads, peer=p.recipe)
         pt_env = child_env(a.threads, {"POSTTRAIN_BENCH_JSON": str(pt_json)})
         commands += [f"# {key}", f"OMP_NUM_THREADS={a.threads} POSTTRAIN_BENCH_JSON={pt_json} " + shlex.join(pcmd),
                      f"OMP_NUM_THREADS={a.threads} " + shlex.join(qcmd)]
         have_pt, why_pt = avail[p.recipe]
-        peer_py = PEERS[p.recipe][0] / "bin" / "python"
+        peer_py = Path(SIDES.peer_python[p.recipe])
+        peer_py = peer_py if peer_py.exists() else Path(shutil.which(str(peer_py)) or peer_py)
         pt_runs: list[Run] = []
         peer_runs: list[Run] = []
         for i in range(repeats):
@@ -724,6 +813,9 @@ def main(argv: list[str] | None = None) -> int:
                     "posttrain": [r.__dict__ for r in pt_runs], "peer": [r.__dict__ for r in peer_runs],
                     "posttrain_cmd": pcmd, "peer_cmd": qcmd}
         (work / "raw.json").write_text(json.dumps(raw, indent=1, default=str))
+        if a.budget:  # a time-boxed run may be killed: keep a report of the cases done so far
+            info["loadavg_end"] = os.getloadavg()
+            write_report(Path(a.out), started, info, peak, a, repeats, versions, notes, commands, sections)
 
     info["loadavg_end"] = os.getloadavg()
     write_report(Path(a.out), started, info, peak, a, repeats, versions, notes, commands, sections)
@@ -736,13 +828,16 @@ def write_report(out: Path, started, info, peak, a, repeats, versions, notes, co
     busy = max(load[0][0], load[1][0]) > info["cores"] * 0.75 + 0.5
     lines = [
         "# posttrain vs peers", "",
-        f"Date: {started:%Y-%m-%d %H:%M %Z}. Invocation: `.venv/bin/python bench/run.py {' '.join(sys.argv[1:])}`", "",
+        f"Date: {started:%Y-%m-%d %H:%M %Z}. Invocation: `{a.python or '.venv/bin/python'} bench/run.py {' '.join(sys.argv[1:])}`", "",
         "## Machine", "",
+        *([f"- GPU: {info['gpu']} (CUDA {info['cuda']}), both sides on it in bfloat16 (weights in bf16, bf16 autocast)"]
+          if a.device == "cuda" else []),
         f"- CPU: {info['cpu_model']}, {info['cores']} cores available ({info['logical_cpus']} logical CPUs)",
         f"- torch {info['torch']} (posttrain side), Python {info['python']}, {info['platform']}",
         f"- peers: TRL/transformers/torch `{versions['peers']}` (SFT, RM, DPO); `{versions['peers-ppo']}` (PPO)",
         f"- threads for both sides: {a.threads} (`torch.set_num_threads` in the peers, `OMP_NUM_THREADS` for both)",
-        f"- float32 matmul peak (2048x2048 `torch.mm`, best of 5): {peak / 1e9:.1f} GFLOP/s",
+        (f"- bf16 matmul peak (8192x8192x8192 `torch.mm`, mean of 10 after 3 warm-ups): {peak / 1e12:.1f} TFLOP/s"
+         if a.device == "cuda" else f"- float32 matmul peak (2048x2048 `torch.mm`, best of 5): {peak / 1e9:.1f} GFLOP/s"),
         f"- load average at start {load[0][0]:.2f}, at end {load[1][0]:.2f}"
         + (" — **the machine was busy with other work; absolute numbers are noisy, the ratios less so**" if busy else ""),
         f"- repeats per side: {repeats}, medians reported; the two sides alternate run by run", "",
@@ -750,6 +845,9 @@ def write_report(out: Path, started, info, peak, a, repeats, versions, notes, co
         "wall/step and tokens/s are over the training loop only (first step start to last step end); "
         "`process s` is the whole command (imports, tokenization, model loading, saving). Peak RSS is the "
         "child's `ru_maxrss` from `os.wait4` (the kernel's high-water mark, as `/usr/bin/time -v` reports). "
+        + ("Peak GPU MB is `torch.cuda.max_memory_allocated` inside each side's process (the caching allocator's "
+           "high-water mark of allocated bytes); the memory target is judged on it. Both loop ends wait for the GPU "
+           "(`torch.cuda.synchronize`). " if a.device == "cuda" else "") +
         "MFU = achieved model FLOP/s / the matmul peak above (FLOPs per token: SFT/RM 6N, DPO 8N, "
         "PPO 2N sample + 2N ref + 2N reward + 2N value + epochs x 6(N+N_value)). Final loss is the last logged "
         "value (TRL logs the mean over its logging window). Ratios are posttrain / peer: above 1 is better "

@@ -11,8 +11,11 @@ Every peer script writes one JSON object to ``--out``:
 - wall_s: the training loop only: from the start of the first step to the end of the last
   (TrainerCallback on_step_begin / on_step_end; PPO: on_train_begin, which the PPO loop calls
   right before its first iteration). Model loading and dataset tokenization are outside it.
+  On CUDA both ends wait for the GPU (``torch.cuda.synchronize``), since kernels run behind Python.
 - peak_rss_mb: the process's resident-set high-water mark (getrusage ru_maxrss), the same number
   ``/usr/bin/time -v`` prints as "Maximum resident set size".
+- peak_gpu_mb (``--device cuda`` only): ``torch.cuda.max_memory_allocated``, the caching allocator's
+  high-water mark of allocated bytes, in MiB.
 - final_loss: the last logged training loss (TRL logs the mean over the logging window).
 - params: parameters of the trained model (PPO: policy + value model).
 """
@@ -47,7 +50,25 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10, help="logging_steps")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cpu: float32 (the CPU benchmark); cuda: weights in bfloat16 and bf16=True (autocast), "
+                         "as posttrain's dtype=bfloat16")
     return ap
+
+
+def model_dtype(args: argparse.Namespace):
+    """Weights' dtype: float32 on the CPU, bfloat16 on CUDA (posttrain's dtype=bfloat16 loads them so too)."""
+    import torch
+
+    return torch.bfloat16 if args.device == "cuda" else torch.float32
+
+
+def _sync() -> None:
+    """Wait for queued CUDA kernels, so that a wall-clock read means the GPU work before it is done."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def setup(args: argparse.Namespace) -> Path:
@@ -100,14 +121,18 @@ def make_callback():
             return (self.t1 or t0) - t0
 
         def on_train_begin(self, args, state, control, **kw):
+            _sync()
             self.t_begin = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kw):
             if self.t_first is None:
+                _sync()
                 self.t_first = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             self.steps += 1
+            if state.max_steps and state.global_step >= state.max_steps:
+                _sync()  # the last step: its kernels must have finished (earlier steps are left asynchronous)
             self.t1 = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -123,14 +148,19 @@ def counting(trainer_cls):
     """Subclass a transformers Trainer so it counts the non-pad tokens of every training batch.
 
     Every TRL 1.16 collator used here (SFT, reward, DPO) returns one ``attention_mask`` over the
-    whole (concatenated) batch; counting it costs one integer sum per micro-step.
+    whole (concatenated) batch; counting it costs one integer sum per micro-step. The sums are added up
+    where the mask lives and read once at the end, so on CUDA the count adds no synchronisation to a step.
     """
 
     class Counting(trainer_cls):
-        bench_tokens = 0
+        _token_sum = 0  # a 0-d tensor after the first step
+
+        @property
+        def bench_tokens(self) -> int:
+            return int(Counting._token_sum)
 
         def training_step(self, model, inputs, *a, **k):
-            Counting.bench_tokens += int(inputs["attention_mask"].sum())
+            Counting._token_sum = Counting._token_sum + inputs["attention_mask"].sum()
             return super().training_step(model, inputs, *a, **k)
 
     Counting.__name__ = trainer_cls.__name__
@@ -148,8 +178,12 @@ def n_params(*models) -> int:
 
 def write_result(path: str, *, steps: int, tokens: int, wall_s: float, final_loss: float | None, params: int,
                  **extra) -> dict:
+    import torch
+
     res = {"steps": steps, "tokens": tokens, "wall_s": wall_s, "peak_rss_mb": peak_rss_mb(),
            "final_loss": final_loss, "params": params, **extra}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
@@ -160,7 +194,8 @@ def write_result(path: str, *, steps: int, tokens: int, wall_s: float, final_los
 
 
 def common_training_args(args: argparse.Namespace, work: Path) -> dict:
-    """TrainingArguments shared by the three Trainer-based peers: float32 on the CPU, no eval, no saving."""
+    """TrainingArguments shared by the three Trainer-based peers: float32 on the CPU (bf16 on CUDA), no eval,
+    no saving."""
     return dict(
         output_dir=str(work),
         per_device_train_batch_size=args.batch_size,
@@ -176,8 +211,8 @@ def common_training_args(args: argparse.Namespace, work: Path) -> dict:
         eval_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=args.device == "cpu",
+        bf16=args.device == "cuda",
         fp16=False,
         seed=args.seed,
         data_seed=args.seed,

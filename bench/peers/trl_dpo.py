@@ -24,13 +24,12 @@ def main() -> int:
     ap.add_argument("--precompute-ref", action="store_true", help="TRL's precompute_ref_log_probs=True")
     args = ap.parse_args()
     work = common.setup(args)
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=common.model_dtype(args))
     ds = Dataset.from_list([common.as_conversation(r) for r in common.read_jsonl(args.data)])
     cfg = DPOConfig(**common.common_training_args(args, work), beta=args.beta, dataset_num_proc=None,
                     precompute_ref_log_probs=args.precompute_ref)

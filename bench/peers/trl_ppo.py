@@ -35,7 +35,6 @@ def main() -> int:
     ap.add_argument("--vf-coef", type=float, default=0.1)
     args = ap.parse_args()
     work = common.setup(args)
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -56,11 +55,11 @@ def main() -> int:
 
     ppo_mod.batch_generation, ppo_mod.truncate_response = batch_generation, truncate_response
 
-    f32 = dict(dtype=torch.float32)
-    policy = AutoModelForCausalLM.from_pretrained(args.model, **f32)
-    ref = AutoModelForCausalLM.from_pretrained(args.model, **f32)
-    value = AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1, **f32)
-    reward = AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1, **f32)
+    weights = dict(dtype=common.model_dtype(args))  # float32 on the CPU, bfloat16 on CUDA
+    policy = AutoModelForCausalLM.from_pretrained(args.model, **weights)
+    ref = AutoModelForCausalLM.from_pretrained(args.model, **weights)
+    value = AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1, **weights)
+    reward = AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1, **weights)
     for m in (value, reward):
         m.config.pad_token_id = tok.pad_token_id
 
@@ -79,7 +78,7 @@ def main() -> int:
         kl_coef=args.kl_coef, kl_estimator="k1", cliprange=0.2, vf_coef=args.vf_coef, cliprange_value=0.2,
         gamma=1.0, lam=0.95, whiten_rewards=False, num_sample_generations=0, learning_rate=args.lr,
         lr_scheduler_type="linear", warmup_steps=0, logging_steps=1, save_strategy="no", eval_strategy="no",
-        report_to="none", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, seed=args.seed,
+        report_to="none", disable_tqdm=True, use_cpu=args.device == "cpu", bf16=args.device == "cuda", fp16=False, seed=args.seed,
         dataloader_num_workers=0,
     )
     cb = common.make_callback()

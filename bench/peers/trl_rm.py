@@ -21,13 +21,12 @@ import common  # noqa: E402
 def main() -> int:
     args = common.parser(__doc__).parse_args()
     work = common.setup(args)
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=common.model_dtype(args))
     model.config.pad_token_id = tok.pad_token_id
     ds = Dataset.from_list([common.as_conversation(r) for r in common.read_jsonl(args.data)])
     cfg = RewardConfig(**common.common_training_args(args, work), dataset_num_proc=None)

@@ -27,13 +27,12 @@ def to_prompt_completion(row: dict) -> dict:
 def main() -> int:
     args = common.parser(__doc__).parse_args()
     work = common.setup(args)
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=common.model_dtype(args))
     ds = Dataset.from_list([to_prompt_completion(r) for r in common.read_jsonl(args.data)])
     cfg = SFTConfig(**common.common_training_args(args, work), packing=False, completion_only_loss=True,
                     dataset_num_proc=None)

@@ -237,7 +237,7 @@ class GenerateConfig:
 @dataclass
 class TinyModelConfig:
     output_dir: str = opt("runs/tiny", "where to write the model and tokenizer")
-    size: str = opt("tiny", "tiny (~1M params) or small (~30M params)")
+    size: str = opt("tiny", "tiny (~1M params), small (~30M params) or base (~120M params, for a GPU)")
     vocab_size: int = opt(512, "BPE vocabulary size")
     seed: int = opt(0, "init seed")
 

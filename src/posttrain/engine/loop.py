@@ -130,6 +130,8 @@ def fit(
                 if dist.is_main:
                     progress.write(f"{stop.name or 'signal'}: saved checkpoint at step {step}; resume with resume=auto")
                 return FitResult(step, True, last, eval_metrics)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # CUDA runs ahead of Python: the loop ends when its last kernel does
     if dist.is_main:
         write_bench_json(steps=step - first_step, tokens=total_tokens, final_loss=last.get("loss"),
                          wall_s=time.perf_counter() - loop_start + setup_seconds,

@@ -22,10 +22,12 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 # hidden, layers, heads, kv heads, intermediate. Parameter counts at vocab 512, tied embeddings:
 # tiny = 512*128 + 4 * (2*128*128 + 2*128*64 + 3*128*384 + 2*128) + 128 = 853,376;
-# small = 512*512 + 8 * (2*512*512 + 2*512*256 + 3*512*2048 + 2*512) + 512 = 31,731,200.
+# small = 512*512 + 8 * (2*512*512 + 2*512*256 + 3*512*2048 + 2*512) + 512 = 31,731,200;
+# base = 512*768 + 14 * (2*768*768 + 2*768*256 + 3*768*3072 + 2*768) + 768 = 121,526,016 (a GPU-sized model).
 SIZES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384),
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=2048),
+    "base": dict(hidden_size=768, num_hidden_layers=14, num_attention_heads=12, num_key_value_heads=4, intermediate_size=3072),
 }
 
 # Used when the built-in tasks are not importable: enough text for byte-level BPE merges on
