@@ -95,19 +95,22 @@ stage dpo 150 "${PT[@]}" dpo model="$S/tiny" data.train="$D/prefs.jsonl" output_
 stage ppo 150 "${PT[@]}" ppo model="$S/tiny" prompts="$D/prompts.jsonl" reward.task=arithmetic output_dir="$S/ppo" \
   total_episodes=32 rollout.batch_size=16 mini_batch_size=8 batch_size=8 ppo_epochs=1 rollout.max_new_tokens=16 \
   critic_init=policy max_length=128 logging.steps=1 "${COMMON_KEYS[@]}" & PIDS+=($!)
-stage online-dpo 150 "${PT[@]}" online-dpo model="$S/tiny" prompts="$D/prompts.jsonl" reward.task=arithmetic \
-  output_dir="$S/odpo" rounds=1 prompts_per_round=16 samples_per_prompt=2 rollout.max_new_tokens=16 batch_size=8 \
-  max_length=128 logging.steps=1 "${COMMON_KEYS[@]}" & PIDS+=($!)
 stage fsdp2-save-resume 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 bench/gpu_fsdp_smoke.py \
   "$S/tiny" "$S/fsdp" & PIDS+=($!)
 wait "${PIDS[@]}"
-# after sft: a copy of its run resumed from the step-3 checkpoint to 8 steps, beside an eval of its final model
+# after sft and rm: a copy of sft's run resumed from its step-3 checkpoint to 8 steps, an eval of its final model
 cp -r "$S/sft" "$S/sft-r" 2>/dev/null
 stage sft-resume 120 "${PT[@]}" sft model="$S/tiny" data.train="$D/sft.jsonl" output_dir="$S/sft-r" max_steps=8 \
   batch_size=8 packing=true max_length=128 save.steps=3 logging.steps=2 logging.progress=false resume=auto & PIDS=($!)
 stage eval 120 "${PT[@]}" eval "$S/sft/final" task=arithmetic num_prompts=16 num_samples=2 ref_model="$S/tiny" & PIDS+=($!)
+# online DPO scored by the reward model just trained: continuous scores, so pairs (the task verifier ties them all)
+stage online-dpo 150 "${PT[@]}" online-dpo model="$S/tiny" prompts="$D/prompts.jsonl" reward.model="$S/rm/final" \
+  output_dir="$S/odpo" rounds=1 prompts_per_round=16 samples_per_prompt=2 rollout.max_new_tokens=16 batch_size=8 \
+  max_length=128 logging.steps=1 "${COMMON_KEYS[@]}" & PIDS+=($!)
 wait "${PIDS[@]}"
-grep -h "resumed from" "$W/smoke-sft-resume.log" | head -1 | sed 's/^/sft-resume: /' >> "$TAILS"
+grep -q "resumed from .*step-3" "$W/smoke-sft-resume.log" \
+  || echo "| sft-resume-check | **FAIL** (no 'resumed from ... step-3' in its log) | 0 | |" >> "$SMOKE"
+grep -h "pairs=" "$W/smoke-online-dpo.log" | tail -1 | sed 's/^/online-dpo: /' >> "$TAILS"
 { echo; echo "Error tails (pass: last 3 lines; fail: last 40):"; echo; echo '```'; cat "$TAILS"; echo '```'; } >> "$SMOKE"
 say "smoke done: $(grep -c '| pass |' "$SMOKE") passed, $(grep -c '\*\*' "$SMOKE") failed"
 
