@@ -85,6 +85,8 @@ class Plan:
     steps: int
     lr: float
     rows_words: tuple[int, int] = (4, 120)
+    # posttrain's gradient_checkpointing, on where the peer's default (TRL 1.16: on) decides the memory comparison
+    checkpointing: bool = False
     # PPO only
     rollout_batch: int = 16
     mini_batches: int = 2
@@ -126,6 +128,8 @@ def plans(quick: bool, only: list[str], scales: list[str], device: str = "cpu") 
                 p = Plan(r, scale, "tiny", batch_size=4, steps=4 if quick else 8, lr=lr[r])
             if scale == "long":
                 p.rows_words = (-1, -1)  # sized from the tokenizer, see long_rows
+            if r == "sft" and scale in ("small", "long"):
+                p.checkpointing = True  # activations dominate memory here; TRL's SFT recomputes them by default
             out.append(p)
     return out
 
@@ -431,7 +435,8 @@ def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_len
               f"logging.steps={log_every(p)}", "save.steps=0"]
     if p.recipe == "sft":
         return [*SIDES.posttrain, "sft", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
-                f"batch_size={p.batch_size}", "loss_on=completion", "packing=true", *common]
+                f"batch_size={p.batch_size}", "loss_on=completion", "packing=true",
+                *(["gradient_checkpointing=true"] if p.checkpointing else []), *common]
     if p.recipe == "rm":
         return [*SIDES.posttrain, "rm", f"model={rm}", f"data.train={data}", f"max_steps={p.steps}",
                 f"batch_size={p.batch_size}", "normalize=false", *common]
@@ -779,6 +784,11 @@ def main(argv: list[str] | None = None) -> int:
                            "padding and causal attention per sequence (padding-free; the same loss as the padded batch). "
                            "TRL pads each batch to its longest row (its padding-free mode needs flash-attention, absent on "
                            "a CPU). The non-pad tokens, i.e. the work, are the same: checked below.")
+                if p.checkpointing:
+                    sec.append("posttrain also runs `gradient_checkpointing=true` here because the peer runs with it "
+                               "(TRL 1.16's SFTConfig default): both sides keep each layer's input and recompute the "
+                               "layer in the backward pass, so the memory comparison is like for like; posttrain's "
+                               "per-sequence attention is recomputed as it ran.")
         sec.append("")
         if not have_pt:
             sec.append(f"**posttrain side not available**: {why_pt}" + "\n")

@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from posttrain.config import LoraConfig
+from posttrain.models import forward as forward_module
 from posttrain.models import (
     apply_lora,
     last_token_index,
@@ -126,11 +127,11 @@ def test_sequence_scores_match_hf_pooling_and_ignore_padding_side(tiny_dir):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_packed_rows_run_padding_free_with_the_padded_values_and_gradients(tiny_dir, checkpointing):
+def test_packed_rows_run_padding_free_with_the_padded_values_and_gradients(tiny_dir, checkpointing, monkeypatch):
     """ROWS packed as [row0 | row1] and [row2 | a 4-token fill] (no mask, positions restarting at 0) take the
-    per-sequence attention path (the block-diagonal mask under gradient checkpointing, whose recomputation runs
-    later): log-probs inside each sequence and the summed gradients equal the right-padded batch's in float64,
-    and the model's attention setting is left as it was."""
+    per-sequence attention path in every layer's forward and, under gradient checkpointing, again in every layer's
+    recomputation in the backward pass (4 layers: 4 calls, or 4 + 4): log-probs inside each sequence and the summed
+    gradients equal the right-padded batch's in float64, and the model's attention setting is left as it was."""
     model = load_causal_lm(tiny_dir, dtype="float32", device="cpu", gradient_checkpointing=checkpointing).double()
     model.train()
     ids, mask = pad_batch(ROWS, "right")
@@ -140,13 +141,89 @@ def test_packed_rows_run_padding_free_with_the_padded_values_and_gradients(tiny_
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
+    calls = []
+    per_sequence = forward_module._varlen_attention
+    monkeypatch.setattr(forward_module, "_varlen_attention", lambda *a, **kw: calls.append(1) or per_sequence(*a, **kw))
     packed_ids = torch.tensor([ROWS[0] + ROWS[1], ROWS[2] + [PAD] * 4])  # (2, 9)
     positions = torch.tensor([list(range(6)) + list(range(3)), list(range(5)) + list(range(4))])
     packed = token_logprobs(model, packed_ids, None, positions)  # (2, 8)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers
     spans = [packed[0, 0:5], packed[0, 6:8], packed[1, 0:4]]  # a sequence's last position predicts the next one's
     for got, want in zip(spans, inside):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
     (sum(x.sum() for x in spans)).backward()
+    assert len(calls) == (2 * layers if checkpointing else layers)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, atol=1e-10, rtol=0)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_packed_attention_leaves_other_sdpa_calls_unchanged(tiny_dir):
+    """Registered under "sdpa", the per-sequence dispatch runs transformers' own SDPA function for every call
+    without segments: a padded batch's logits through the model equal that function's, bit for bit."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = load_causal_lm(tiny_dir, dtype=torch.float64, device="cpu")
+    ids, mask = pad_batch(ROWS, "left")
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is forward_module._sdpa_or_varlen
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+        ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = sdpa_attention_forward
+        try:
+            theirs = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = forward_module._sdpa_or_varlen
+    assert torch.equal(ours, theirs)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps from fn()'s forward for the backward pass, seen by a
+    saved-tensors hook around the whole call (inside a checkpointed layer, checkpointing's own hook takes over)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_gradient_checkpointing_keeps_less_for_the_backward_on_packed_rows(tiny_dir):
+    """Two packed rows of 3 x 40 tokens: with checkpointing the forward leaves less than half the activation bytes
+    for the backward (the layers' insides are recomputed), on the same per-sequence attention path."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (2, 120))  # (2, 120)
+    positions = torch.arange(40).repeat(3).expand(2, -1)  # (2, 120): three sequences a row
+    kept = {}
+    for checkpointing in (False, True):
+        model = load_causal_lm(tiny_dir, dtype="float32", device="cpu", gradient_checkpointing=checkpointing)
+        model.train()
+        kept[checkpointing] = saved_bytes(lambda: token_logprobs(model, ids, None, positions).sum())
+    assert kept[True] < 0.5 * kept[False]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_rows_on_eager_attention_take_the_block_diagonal_mask(tiny_dir, checkpointing, monkeypatch):
+    """Eager attention keeps its own function (no per-sequence dispatch is registered for it): a packed batch gets
+    the block-diagonal mask transformers builds from the position resets, with the padded batch's log-probs (to
+    1e-6: eager's softmax runs in float32 even on a float64 model, over rows of another width)."""
+    model = load_causal_lm(tiny_dir, dtype="float32", device="cpu", attn_implementation="eager",
+                           gradient_checkpointing=checkpointing).double()
+    model.train()
+    calls = []
+    per_sequence = forward_module._varlen_attention
+    monkeypatch.setattr(forward_module, "_varlen_attention", lambda *a, **kw: calls.append(1) or per_sequence(*a, **kw))
+    ids, mask = pad_batch(ROWS, "right")
+    padded = token_logprobs(model, ids, mask)  # (3, 5)
+    packed_ids = torch.tensor([ROWS[0] + ROWS[1], ROWS[2] + [PAD] * 4])  # (2, 9)
+    positions = torch.tensor([list(range(6)) + list(range(3)), list(range(5)) + list(range(4))])
+    packed = token_logprobs(model, packed_ids, None, positions)  # (2, 8)
+    spans = [packed[0, 0:5], packed[0, 6:8], packed[1, 0:4]]
+    for got, i in zip(spans, range(3)):
+        torch.testing.assert_close(got, padded[i, : len(ROWS[i]) - 1], atol=1e-6, rtol=0)
+    packed.sum().backward()
+    assert not calls and model.config._attn_implementation == "eager"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from posttrain.losses.logprobs import logprobs_from_hidden
 
@@ -50,7 +51,24 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register("posttrain_varlen", _varlen_attention)
+def _sdpa_or_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' "sdpa" attention, or `_varlen_attention` when the call carries `posttrain_segments`.
+
+    Registered once under the name "sdpa" (below), so the model's attention setting never changes: without the
+    segments (every call except `_final_hidden`'s packed ones) this is exactly the function it replaces. The
+    segments travel as a keyword argument, which transformers' `GradientCheckpointingLayer` stores with the layer
+    call and replays in the backward pass, so the recomputation runs the same per-sequence attention as the forward.
+    A softcap goes to the original, which refuses it as before.
+    """
+    if kwargs.get("posttrain_segments") is None or kwargs.get("softcap") is not None:
+        kwargs.pop("posttrain_segments", None)
+        return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _varlen_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+_SDPA = getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "posttrain_original", ALL_ATTENTION_FUNCTIONS["sdpa"])
+_sdpa_or_varlen.posttrain_original = _SDPA  # a reload of this module wraps the original, not itself
+AttentionInterface.register("sdpa", _sdpa_or_varlen)
 
 
 def _segments(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -69,32 +87,35 @@ def _final_hidden(model: nn.Module, input_ids, attention_mask, position_ids, **k
 
     The model's backbone (`base_model`) output is caught by a forward hook, so the top-level forward runs
     (wrappers see it) without keeping every layer's hidden state. A packed batch (no attention mask, positions
-    restarting at 0 at each sequence, every row starting one) on SDPA/eager attention runs padding-free: causal
-    attention per sequence (`_varlen_attention`), the same numbers as the block-diagonal mask. Not with gradient
-    checkpointing: its recomputation runs after this call, under the model's own attention setting, so there the
-    block-diagonal mask that transformers builds from the position resets is kept.
+    restarting at 0 at each sequence, every row starting one) on SDPA attention runs padding-free: causal attention
+    per sequence (`_sdpa_or_varlen`), the same numbers as the block-diagonal mask, with or without gradient
+    checkpointing. It passes an all-ones (B, T) mask so that transformers builds no (T x T) mask for it (SDPA's
+    causal flag stands in; the per-sequence attention ignores it). Other attention implementations, a sliding window
+    shorter than a sequence, or an "sdpa" someone registered over ours take the block-diagonal mask that
+    transformers builds from the position resets.
     """
     inner = unwrap(model)
     config = inner.config
     packed = (attention_mask is None and position_ids is not None and bool((position_ids[:, 0] == 0).all())
-              and config._attn_implementation in ("sdpa", "eager") and not inner.is_gradient_checkpointing)
+              and config._attn_implementation == "sdpa" and ALL_ATTENTION_FUNCTIONS["sdpa"] is _sdpa_or_varlen)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     if packed:
-        kwargs["posttrain_segments"] = _segments(position_ids)
+        segments = _segments(position_ids)
+        window = getattr(config, "sliding_window", None)
+        packed = window is None or max(end - start for _, start, end in segments) <= window
+    if packed:
+        kwargs["posttrain_segments"] = segments
+        attention_mask = torch.ones_like(input_ids)  # (B, T): no padding, so no (T x T) mask
     if inner.base_model is inner:  # no separate backbone to hook: ask for the hidden states
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                     output_hidden_states=True, **kwargs)
         return out.hidden_states[-1]  # (B, T, D); transformers ties it to the final-norm output
     caught = []
     hook = inner.base_model.register_forward_hook(lambda _m, _args, out: caught.append(out[0]))
-    previous = config._attn_implementation
     try:
-        if packed:
-            config._attn_implementation = "posttrain_varlen"
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
     finally:
-        config._attn_implementation = previous
         hook.remove()
     return caught[-1]  # (B, T, D): the backbone's last_hidden_state, after the final norm
 

@@ -164,7 +164,10 @@ def _finish(model, tokenizer, device, gradient_checkpointing: bool):
             gen.pad_token_id = tokenizer.pad_token_id
             gen.eos_token_id = tokenizer.eos_token_id
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing of every GradientCheckpointingLayer: each layer's call keeps its input and
+        # keyword arguments and runs again in the backward pass, so a packed batch's per-sequence attention
+        # (`forward._sdpa_or_varlen`, dispatched on a keyword argument) is recomputed as it ran.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.to(device)
 
