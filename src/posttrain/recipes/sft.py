@@ -7,7 +7,7 @@ Two forms (seed, "SFT"):
   The loss is a token mean over the whole optimizer step: sum of NLL over every target token of every
   micro-batch on every rank, divided by the global count of target tokens (engine/step.py). With
   ``packing`` the micro-batch's sequences are concatenated into one row with no padding (padding-free),
-  positions restarting per sequence and no attention across them (on SDPA/eager attention one causal attention
+  positions restarting per sequence and no attention across them (on SDPA attention one causal attention
   call per sequence, `models.forward`), so the loss and gradients equal the padded batch's
   (tests/data/test_collate.py) while no pad token is computed.
 - ``task: classification`` — transfer learning: the pre-trained backbone plus a new, randomly
