@@ -17,7 +17,8 @@ from posttrain.cli import main
 from posttrain.config import PPOConfig, RewardConfig, RolloutConfig
 from posttrain.engine import read_metrics
 from posttrain.models import load_causal_lm, load_sequence_classifier, load_tokenizer
-from posttrain.recipes.ppo import Prompts, rollout_and_score
+from posttrain.models import token_logprobs
+from posttrain.recipes.ppo import Models, Prompts, build_ppo_optimizer, response_logprobs, rollout_and_score
 from posttrain.rewards import build_reward
 from posttrain.rollout.sampler import Sampler
 from tests.recipes.test_closed_form_ppo import char_model
@@ -145,3 +146,63 @@ def test_a_response_without_eos_gets_the_penalty(tmp_path):
 def test_bad_config_names_the_key(tiny_model, arith_dir, tmp_path, capsys, bad, key):
     assert main(ppo_args(tiny_model, arith_dir, tmp_path / "bad", *bad)) == 2
     assert key in capsys.readouterr().err
+
+
+def test_response_logprobs_project_only_the_response_float64(tiny_model):
+    """`response_logprobs` sends only positions P-1.. through the vocabulary projection: values and gradients equal
+    the full-width `token_logprobs` sliced at P-1 (left-padded rows of different prompt and response lengths)."""
+    policy = load_causal_lm(tiny_model, dtype=torch.float64, tokenizer=load_tokenizer(tiny_model))
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(4, 200, (3, 11), generator=g)  # (N, P+R), P = 5
+    attn = torch.ones_like(seqs)
+    attn[0, :2] = 0  # left padding of a shorter prompt
+    attn[1, 9:] = 0  # a response that ended early
+    pos, p = (attn.cumsum(-1) - 1).clamp(min=0), 5
+    weights = torch.randn((3, 6), generator=g, dtype=torch.float64)  # (N, R)
+    results = []
+    for fn in (lambda: token_logprobs(policy, seqs, attn, pos, temperature=0.7)[:, p - 1:],
+               lambda: response_logprobs(policy, seqs, attn, pos, p, 0.7)):
+        policy.zero_grad(set_to_none=True)
+        logp = fn()  # (N, R)
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), [q.grad.clone() for q in policy.parameters()]))
+    (full, full_grads), (sliced, sliced_grads) = results
+    assert sliced.shape == (3, 6)
+    torch.testing.assert_close(sliced, full, rtol=0, atol=1e-12)
+    for a, b in zip(sliced_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_fused_optimizer_equals_the_per_parameter_adamw(tiny_model):
+    """build_ppo_optimizer uses the fused AdamW kernel: three steps with weight decay and two learning rates (actor,
+    critic) leave every weight where torch's default per-parameter AdamW leaves it, up to float32 rounding (the
+    vectorised kernel rounds some products differently: a few ulps, rtol 1e-6)."""
+    tok = load_tokenizer(tiny_model)
+
+    def build() -> Models:
+        return Models(load_causal_lm(tiny_model, tokenizer=tok), None, load_sequence_classifier(tiny_model, num_labels=1, tokenizer=tok))
+
+    def params(m: Models) -> list:
+        return list(m.policy.parameters()) + list(m.critic.parameters())
+
+    models, twin = build(), build()
+    twin.critic.load_state_dict(models.critic.state_dict())  # the new score head is random
+    cfg = PPOConfig(learning_rate=1e-3, critic_learning_rate=3e-3, weight_decay=0.1)
+    fused = build_ppo_optimizer(cfg, models)
+    assert all(group["fused"] for group in fused.param_groups)
+    mirror = dict(zip(map(id, params(models)), params(twin)))
+    plain = torch.optim.AdamW([{"params": [mirror[id(q)] for q in grp["params"]], "lr": grp["lr"], "weight_decay": grp["weight_decay"]}
+                               for grp in fused.param_groups], lr=1e-3, fused=False, foreach=False)
+    pairs = [(q, mirror[id(q)]) for grp in fused.param_groups for q in grp["params"]]
+    start = [a.detach().clone() for a, _ in pairs]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in pairs:
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    moved = sum(not torch.equal(a, a0) for (a, _), a0 in zip(pairs, start))
+    assert moved == len(pairs)

@@ -183,3 +183,28 @@ def test_pad_equal_to_eos_is_refused(model64, tokenizer):
 
     with pytest.raises(ValueError, match="different pad"):
         Sampler(model64, SameIds(), RolloutConfig())
+
+
+def test_decoding_steps_own_padding_mask_is_bit_identical(tokenizer):
+    """The decoding steps pass the (A, 1, 1, L) padding mask themselves instead of letting transformers build it from
+    the 2D mask: samples and log-probs equal bit for bit (left-padded prompts, rows finishing and dropped early)."""
+    model = build_model(50, seed=1, dtype=torch.float32, eos_bias=3.0)
+    assert model.config._attn_implementation == "sdpa"  # the only implementation the shortcut applies to
+    cfg = RolloutConfig(max_new_tokens=10, temperature=1.0)
+    fast = Sampler(model, tokenizer, cfg)
+    plain = Sampler(model, tokenizer, cfg)
+    plain._mask_kind = lambda padded: (lambda attn: attn)  # always the 2D mask, transformers' own construction
+    for seed in range(3):
+        a = fast.generate(PROMPTS, num_samples=4, generator=torch.Generator().manual_seed(seed))
+        b = plain.generate(PROMPTS, num_samples=4, generator=torch.Generator().manual_seed(seed))
+        assert len(set(a.response_lengths().tolist())) > 2
+        assert torch.equal(a.sequences, b.sequences) and torch.equal(a.logprobs, b.logprobs)
+
+
+def test_rollout_tensors_can_enter_a_loss(model64, tokenizer):
+    """Sampling runs under inference_mode; the returned batch must still be usable as constants in a graph
+    (a product saves its inputs for the backward pass, which inference tensors forbid)."""
+    batch = Sampler(model64, tokenizer, RolloutConfig(max_new_tokens=4)).generate(PROMPTS, generator=torch.Generator().manual_seed(0))
+    weight = torch.ones((), dtype=torch.float32, requires_grad=True)
+    (weight * batch.logprobs * batch.response_mask).sum().backward()
+    assert weight.grad is not None

@@ -141,6 +141,7 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int = 1024,
+    start: int = 0,
 ):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) at position t, shape (B, T-1), float32.
 
@@ -148,13 +149,15 @@ def token_logprobs(
     `temperature` divides the logits (the sampler's distribution). With `return_entropy`,
     also returns the entropy of each position's next-token distribution, (B, T-1).
     position_ids default to the attention-mask cumsum (left padding); pass them for packing.
+    `start` > 0 returns positions start .. T-2 only, (B, T-1-start): the vocabulary projection then skips
+    the positions before it (PPO's prompt), which the full result would compute and a caller drop.
     """
     # logits_to_keep=1: the model's own lm_head runs on one position only; we project the rest.
     hidden = _final_hidden(model, input_ids, attention_mask, position_ids, logits_to_keep=1)  # (B, T, D)
     weight = lm_head_weight(model)  # (V, D)
-    targets = input_ids[:, 1:]  # (B, T-1)
+    targets = input_ids[:, start + 1:]  # (B, T-1-start)
     return logprobs_from_hidden(
-        hidden[:, :-1], weight, targets, temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy
+        hidden[:, start:-1], weight, targets, temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy
     )
 
 

@@ -155,7 +155,7 @@ def _forward_params(model) -> set[str]:
 class Sampler:
     """KV-cached batched sampler for any HF causal LM; the default generation backend.
 
-    ``generate`` puts the model in eval mode under no_grad and restores its previous mode.
+    ``generate`` puts the model in eval mode under inference_mode and restores its previous mode.
     ``rollout_cfg.temperature <= 0`` means greedy decoding. Log-probs are always taken at
     ``rollout_cfg.temperature`` (at 1 when it is <= 0), greedy or not. ``drop_finished=False`` keeps
     finished rows in the batch (same samples, more compute; kept for the tests that prove it).
@@ -197,7 +197,9 @@ class Sampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            # inference_mode, not no_grad: no version counters or view tracking, ~10% less per-token overhead on
+            # a small model; the tensors it makes are only read after (assemble_batch copies them into new ones)
+            with torch.inference_mode():
                 for start in range(0, len(prompt_index), chunk):
                     rows = [prompts[i] for i in prompt_index[start:start + chunk]]
                     r, lp = self._generate_chunk(rows, greedy=greedy, generator=generator)
@@ -220,6 +222,12 @@ class Sampler:
                          use_cache=True, **kwargs)
         return out.logits[:, -1, :].float()
 
+    def _mask_kind(self, padded: bool):
+        """attn (A, L) -> what a decoding step passes as its attention mask (see `_generate_chunk`)."""
+        if padded and getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+            return lambda attn: attn.bool()[:, None, None, :]  # (A, 1, 1, L)
+        return lambda attn: attn
+
     def _generate_chunk(self, rows: list[list[int]], *, greedy: bool, generator) -> tuple[list[list[int]], torch.Tensor]:
         cfg, device = self.cfg, self._device
         b, p = len(rows), max(len(x) for x in rows)
@@ -239,6 +247,10 @@ class Sampler:
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(input_ids, attn, position_ids, cache)  # (B, V)
+        # A decoding step's query sees every cached position, so its SDPA mask is the padding mask alone: built here
+        # as (A, 1, 1, L) bool, it spares transformers' mask construction on every step (the same boolean mask it
+        # would build; without left padding it builds none, and neither does this).
+        step_mask = self._mask_kind(bool((attn == 0).any()))
         for t in range(cfg.max_new_tokens):
             scaled = logits / temp
             if greedy:
@@ -267,6 +279,6 @@ class Sampler:
                     cache.batch_select_indices(keep)
                     active, attn, next_pos = active[keep], attn[keep], next_pos[keep]
                     step_input, step_pos = step_input[keep], step_pos[keep]
-            logits = self._forward(step_input, attn, step_pos, cache)
+            logits = self._forward(step_input, step_mask(attn), step_pos, cache)
         tokens, lengths = tokens.cpu(), lengths.tolist()
         return [tokens[i, : lengths[i]].tolist() for i in range(b)], logprobs.cpu()
