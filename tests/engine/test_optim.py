@@ -92,3 +92,31 @@ def test_total_steps():
     assert total_steps_for(100, cfg, world_size=2) == 9
     cfg.max_steps = 5
     assert total_steps_for(100, cfg, world_size=2) == 5
+
+
+def test_build_optimizer_is_fused_adamw_with_the_default_update():
+    """build_optimizer takes torch's fused AdamW kernel on CPU float tensors, and its update is AdamW's: after three
+    steps with weight decay on float64 weights every parameter sits where the per-parameter loop puts it (1e-12),
+    and the 1-D parameters (no decay group) moved too."""
+    model = tiny_llama().double()
+    twin = tiny_llama().double()
+    twin.load_state_dict(model.state_dict())
+    cfg = SimpleNamespace(learning_rate=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, cfg)
+    assert all(g["fused"] for g in fused.param_groups)
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]
+    pairs = list(zip(model.parameters(), twin.parameters()))
+    plain = torch.optim.AdamW([{"params": [b for a, b in pairs if a.ndim >= 2], "weight_decay": 0.1},
+                               {"params": [b for a, b in pairs if a.ndim < 2], "weight_decay": 0.0}],
+                              lr=1e-2, fused=False, foreach=False)
+    start = [a.detach().clone() for a, _ in pairs]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in pairs:
+            a.grad = torch.randn(a.shape, generator=g, dtype=torch.float64)
+            b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    for (a, b), a0 in zip(pairs, start):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert not torch.equal(a, a0)

@@ -36,12 +36,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: Any, lr: float | None = None) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only (``cfg.learning_rate`` unless ``lr`` is given)."""
-    groups = param_groups(model, float(cfg.weight_decay))
+def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    """torch's AdamW, with its fused kernel where every parameter allows it (a plain CPU/CUDA float tensor).
+
+    The fused kernel computes the same update as the default per-parameter loop (to a few float32 ulps,
+    tests/engine/test_optim.py) in one pass over all tensors, with no parameter-sized temporaries: a third of the
+    optimizer time on the tiny models (11 vs 31 ms a step). It is also what transformers' Trainer uses by default
+    (``adamw_torch_fused``), so the peers in bench/ run it too. Sharded (FSDP2 DTensor) parameters keep the default.
+    """
     if not groups:
         raise ConfigError("no trainable parameters: check `lora.r`, `freeze.trainable_layers` and `freeze.extra`")
-    return torch.optim.AdamW(groups, lr=float(cfg.learning_rate if lr is None else lr))
+    params = [p for g in groups for p in g["params"]]
+    fused = all(type(p) in (torch.Tensor, nn.Parameter) and p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
+                for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def build_optimizer(model: nn.Module, cfg: Any, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (``cfg.learning_rate`` unless ``lr`` is given)."""
+    return adamw(param_groups(model, float(cfg.weight_decay)), float(cfg.learning_rate if lr is None else lr))
 
 
 def warmup_steps(cfg: Any, total_steps: int) -> int:
