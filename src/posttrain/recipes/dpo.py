@@ -8,8 +8,9 @@ The algorithm, as in the paper: for each preference pair (x, y_w, y_l) minimise
 of the token log-probs of the completion tokens only — prompt tokens and padding never count. A batch goes
 through the model in one forward with the prompt computed once per pair (`data.collate_shared_pairs`: one row
 prompt + chosen + rejected, the rejected tokens masked from the chosen ones and positioned right after the
-prompt, so every log-prob is the one of its own prompt + completion row); on attention implementations without
-custom masks (flash-attention) chosen and rejected rows go as one concatenated (2B, T) batch (`data.collate_pairs`).
+prompt, so every log-prob is the one of its own prompt + completion row; a prefix that chosen and rejected share
+runs once too, as part of the prompt); on attention implementations without custom masks (flash-attention) chosen
+and rejected rows go as one concatenated (2B, T) batch (`data.collate_pairs`).
 
 The reference pi_ref is `ref_model` or, by default, the policy's starting weights. How it is computed:
 
