@@ -202,12 +202,17 @@ def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def shared_pair_length(item: dict) -> int:
+    """Tokens of a `tokenize_preference` item's `SharedPromptPairs` row: P + C_w + C_l - S."""
+    return (len(item["prompt_ids"]) + len(item["chosen_ids"]) + len(item["rejected_ids"])
+            - _shared_prefix(item["chosen_ids"], item["rejected_ids"]))
+
+
 def collate_shared_pairs(items: Sequence[dict], pad_id: int) -> SharedPromptPairs:
     """Batch `tokenize_preference` items as `SharedPromptPairs` (one row per pair, the prompt and the completions'
     shared prefix once)."""
     shared = [_shared_prefix(it["chosen_ids"], it["rejected_ids"]) for it in items]
-    width = max(len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"]) - s
-                for it, s in zip(items, shared))
+    width = max(shared_pair_length(it) for it in items)
     rows, segs, pos = [], [], []
     chosen, rejected = ([], [], []), ([], [], [])  # (sources, targets, valid) per completion
     for b, (it, s) in enumerate(zip(items, shared)):
