@@ -18,14 +18,10 @@ from posttrain.data.tokenize import IGNORE
 
 def _pad(rows: Sequence[Sequence[int]], value: int, side: str = "right", width: int | None = None) -> torch.Tensor:
     width = max(len(r) for r in rows) if width is None else width
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            if side == "right":
-                out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-            else:
-                out[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
-    return out
+    # one tensor from padded lists: a copy per row costs more than the rows themselves at these sizes
+    rows = [r.tolist() if isinstance(r, torch.Tensor) else list(r) for r in rows]
+    padded = [r + [value] * (width - len(r)) if side == "right" else [value] * (width - len(r)) + r for r in rows]
+    return torch.tensor(padded, dtype=torch.long).reshape(len(rows), width)  # (N, width)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
