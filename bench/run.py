@@ -85,7 +85,9 @@ class Plan:
     steps: int
     lr: float
     rows_words: tuple[int, int] = (4, 120)
-    # posttrain's gradient_checkpointing, on where the peer's default (TRL 1.16: on) decides the memory comparison
+    # gradient checkpointing, the same on both sides (SFT/RM/DPO; TRL's PPOTrainer never turns it on): off at the tiny
+    # scale, where memory is the process itself and recomputation is only a cost; on from ~30M, where activations
+    # dominate memory (TRL 1.16's configs default to on)
     checkpointing: bool = False
     # PPO only
     rollout_batch: int = 16
@@ -128,8 +130,8 @@ def plans(quick: bool, only: list[str], scales: list[str], device: str = "cpu") 
                 p = Plan(r, scale, "tiny", batch_size=4, steps=4 if quick else 8, lr=lr[r])
             if scale == "long":
                 p.rows_words = (-1, -1)  # sized from the tokenizer, see long_rows
-            if r == "sft" and scale in ("small", "long"):
-                p.checkpointing = True  # activations dominate memory here; TRL's SFT recomputes them by default
+            if r != "ppo" and scale != "tiny" and not quick:
+                p.checkpointing = True
             out.append(p)
     return out
 
@@ -430,13 +432,13 @@ def from_metrics(out_dir: Path, expected_tokens: int | None) -> dict | None:
 def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: int) -> list[str]:
     dtype = "bfloat16" if SIDES.device == "cuda" else "float32"
     common = [f"output_dir={out}", "seed=0", f"dtype={dtype}", f"max_length={max_length}",
+              f"gradient_checkpointing={str(p.checkpointing).lower()}",
               f"learning_rate={p.lr}", "lr_scheduler=linear", "warmup_ratio=0", "weight_decay=0",
               "max_grad_norm=1.0", "grad_accum=1", "resume=false", "logging.progress=false",
               f"logging.steps={log_every(p)}", "save.steps=0"]
     if p.recipe == "sft":
         return [*SIDES.posttrain, "sft", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
-                f"batch_size={p.batch_size}", "loss_on=completion", "packing=true",
-                *(["gradient_checkpointing=true"] if p.checkpointing else []), *common]
+                f"batch_size={p.batch_size}", "loss_on=completion", "packing=true", *common]
     if p.recipe == "rm":
         return [*SIDES.posttrain, "rm", f"model={rm}", f"data.train={data}", f"max_steps={p.steps}",
                 f"batch_size={p.batch_size}", "normalize=false", *common]
@@ -462,7 +464,7 @@ def peer_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: 
         cmd += ["--reward-model", str(rm), "--rollout-batch", str(p.rollout_batch), "--mini-batches",
                 str(p.mini_batches), "--ppo-epochs", str(p.ppo_epochs), "--response-length", str(p.response_length)]
     else:
-        cmd += ["--batch-size", str(p.batch_size)]
+        cmd += ["--batch-size", str(p.batch_size), "--gradient-checkpointing", "on" if p.checkpointing else "off"]
     if p.recipe == "dpo":
         cmd += ["--beta", "0.1"]
     return cmd
@@ -775,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         sec = [f"### {p.recipe.upper()} — {p.scale} (model `{p.model_size}`, {params['policy'] / 1e6:.2f}M params)", ""]
         if p.recipe == "ppo":
             sec.append(f"Work: {p.steps} PPO iterations x {p.rollout_batch} episodes, response length {p.response_length}, "
-                       f"{p.ppo_epochs} PPO epochs x {p.mini_batches} minibatches, lr {p.lr}, max_length {max_length}.")
+                       f"{p.ppo_epochs} PPO epochs x {p.mini_batches} minibatches, lr {p.lr}, max_length {max_length}. "
+                       "Gradient checkpointing: off for both sides (TRL's PPOTrainer never turns it on).")
         else:
             sec.append(f"Work: {p.steps} steps x batch {p.batch_size} ({UNIT[p.recipe]}), max_length {max_length}, lr {p.lr}; "
                        f"row lengths (tokens) min {min(lens)} / median {statistics.median(lens):.0f} / max {max(lens)}.")
@@ -784,11 +787,10 @@ def main(argv: list[str] | None = None) -> int:
                            "padding and causal attention per sequence (padding-free; the same loss as the padded batch). "
                            "TRL pads each batch to its longest row (its padding-free mode needs flash-attention, absent on "
                            "a CPU). The non-pad tokens, i.e. the work, are the same: checked below.")
-                if p.checkpointing:
-                    sec.append("posttrain also runs `gradient_checkpointing=true` here because the peer runs with it "
-                               "(TRL 1.16's SFTConfig default): both sides keep each layer's input and recompute the "
-                               "layer in the backward pass, so the memory comparison is like for like; posttrain's "
-                               "per-sequence attention is recomputed as it ran.")
+            sec.append("Gradient checkpointing: **on** for both sides (each keeps only the layers' inputs and recomputes "
+                       "every layer in the backward pass; TRL 1.16's default, and what ~30M-parameter activations call "
+                       "for)." if p.checkpointing else "Gradient checkpointing: **off** for both sides (TRL 1.16 defaults "
+                       "to on; the peer runs with `gradient_checkpointing=False` here, so neither side recomputes).")
         sec.append("")
         if not have_pt:
             sec.append(f"**posttrain side not available**: {why_pt}" + "\n")

@@ -50,6 +50,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10, help="logging_steps")
+    ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                    help="TrainingArguments.gradient_checkpointing (on: TRL 1.16's default; the harness sets it as "
+                         "posttrain's side runs)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: float32 (the CPU benchmark); cuda: weights in bfloat16 and bf16=True (autocast), "
                          "as posttrain's dtype=bfloat16")
@@ -218,4 +221,5 @@ def common_training_args(args: argparse.Namespace, work: Path) -> dict:
         data_seed=args.seed,
         dataloader_num_workers=0,
         max_length=args.max_length,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
     )

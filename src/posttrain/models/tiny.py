@@ -18,6 +18,8 @@ from posttrain.config import ConfigError, TinyModelConfig
 from posttrain.models.adapt import save_pretrained_atomic
 from posttrain.models.load import CHATML_TEMPLATE, count_parameters
 
+# RoPE positions cost nothing to allow; 2048 lets the benchmark run its 1-2k-token rows
+MAX_POSITIONS = 2048
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 # hidden, layers, heads, kv heads, intermediate. Parameter counts at vocab 512, tied embeddings:
@@ -81,7 +83,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
         tokenizer_object=core,
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
-        model_max_length=512,
+        model_max_length=MAX_POSITIONS,  # what the model takes, so long rows draw no "longer than 512" warning
     )
     tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>"]})
     tok.chat_template = CHATML_TEMPLATE
@@ -95,7 +97,7 @@ def make_tiny_model(size: str = "tiny", vocab_size: int = 512, seed: int = 0, co
     tok = build_tokenizer(corpus if corpus is not None else default_corpus(seed), vocab_size)
     config = LlamaConfig(
         vocab_size=len(tok),
-        max_position_embeddings=2048,  # RoPE: no cost; lets the benchmark run 1-2k-token rows
+        max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=True,
         attention_dropout=0.0,
         rms_norm_eps=1e-5,
