@@ -264,3 +264,47 @@ def test_train_eval_split():
     train, held = train_eval_split(list(range(20)), 0.1, seed=0)
     assert len(held) == 2 and sorted(train + held) == list(range(20))
     assert train_eval_split(list(range(20)), 0.1, seed=0) == (train, held)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_pair_rows_give_each_completion_its_own_rows_reward_and_gradients(tok, attn):
+    """A reward model's score at each completion's last token (`last`) of the shared rows equals `sequence_scores` of
+    the 2B separate padded prompt+completion rows, and so do the Bradley-Terry gradients (float64; tolerances as in
+    the log-prob tests above). Same edge cases: a shared prefix, identical completions, a rejected that is a prefix
+    of the chosen (its last token sits in the shared run), no shared token, no prompt."""
+    from transformers import LlamaForSequenceClassification
+
+    from posttrain.losses import bradley_terry_loss
+    from posttrain.models import sequence_scores, sequence_scores_at
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attn_implementation=attn, num_labels=1, pad_token_id=tok.pad_token_id)
+    rm = LlamaForSequenceClassification(config).double()
+    ids = lambda text: tok.convert_tokens_to_ids(text.split())  # noqa: E731
+    prompt = ids("<|im_start|> user a good film ? <|im_end|> <|im_start|> assistant")
+    items = [
+        {"prompt_ids": prompt, "chosen_ids": ids("yes it was a great movie <|im_end|>"),
+         "rejected_ids": ids("yes it was a bad film <|im_end|>")},
+        {"prompt_ids": prompt[:3], "chosen_ids": ids("one two <|im_end|>"), "rejected_ids": ids("one two <|im_end|>")},
+        {"prompt_ids": prompt, "chosen_ids": ids("no no maybe <|im_end|>"), "rejected_ids": ids("no no")},
+        {"prompt_ids": prompt, "chosen_ids": ids("yes <|im_end|>"), "rejected_ids": ids("bad film <|im_end|>")},
+        {"prompt_ids": [], "chosen_ids": ids("hi hello friend"), "rejected_ids": ids("hi see you")},
+    ]
+    pairs = collate_pairs(items, tok.pad_token_id)
+    rm.zero_grad()
+    want = sequence_scores(rm, pairs.input_ids, pairs.attention_mask)  # (2B,) chosen then rejected
+    bradley_terry_loss(want[:5], want[5:])[0].sum().backward()
+    grads = [p.grad.clone() for p in rm.parameters()]
+    rm.zero_grad()
+    b = collate_shared_pairs(items, tok.pad_token_id)
+    got = sequence_scores_at(rm, b.input_ids, b.attention_mask, b.position_ids, b.last)  # (2B,)
+    bradley_terry_loss(got[:5], got[5:])[0].sum().backward()
+    assert torch.allclose(got, want, atol=1e-10 if attn == "sdpa" else 1e-6, rtol=0)
+    for p, g in zip(rm.parameters(), grads):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=0)
+    width, p = b.input_ids.shape[1], len(prompt)
+    assert b.last[0] == p + 6 and b.last[5] == p + 9  # pair 0: 4 shared + 3 chosen; rejected's 3 after them
+    assert b.last[7] == 2 * width + p + 1  # pair 2's rejected "no no" ends inside the shared run
+    assert got[1] == got[6]  # identical completions read the same position

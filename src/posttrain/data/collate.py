@@ -166,7 +166,9 @@ class SharedPromptPairs:
     position_ids (B, L); source (2B, C): index into the flattened (B * L) positions of the hidden state that
     predicts each completion token (rows 0..B-1 chosen, B..2B-1 rejected, as `PairBatch`); targets (2B, C) the
     completion tokens; target_mask (2B, C) 1 on real ones; margin (B,) or None; sequence_tokens: the tokens of
-    the 2B prompt+completion sequences the pairs stand for."""
+    the 2B prompt+completion sequences the pairs stand for; last (2B,): index into the flattened positions of each
+    completion's last token, where a reward model reads its score (its hidden state has seen exactly the
+    prompt+completion row)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -176,6 +178,7 @@ class SharedPromptPairs:
     target_mask: torch.Tensor
     margin: torch.Tensor | None
     sequence_tokens: int
+    last: torch.Tensor
 
     @property
     def num_pairs(self) -> int:
@@ -185,7 +188,7 @@ class SharedPromptPairs:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SharedPromptPairs(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
                                  move(self.source), move(self.targets), move(self.target_mask), move(self.margin),
-                                 self.sequence_tokens)
+                                 self.sequence_tokens, move(self.last))
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -211,6 +214,7 @@ def collate_shared_pairs(items: Sequence[dict], pad_id: int) -> SharedPromptPair
     width = max(shared_pair_length(it) for it in items)
     rows, segs, pos = [], [], []
     chosen, rejected = ([], [], []), ([], [], [])  # (sources, targets, valid) per completion
+    last = ([], [])  # flattened position of each chosen / rejected completion's last token
     for b, (it, s) in enumerate(zip(items, shared)):
         p, c, r = list(it["prompt_ids"]), list(it["chosen_ids"]), list(it["rejected_ids"])
         head = len(p) + s  # prompt + shared prefix: seen by both completions
@@ -223,6 +227,8 @@ def collate_shared_pairs(items: Sequence[dict], pad_id: int) -> SharedPromptPair
         at_r = at_c[:s] + [start + len(c) + k for k in range(len(r) - s)]
         # token k is predicted at the position of token k-1: the prompt's last token for k = 0
         # (with no prompt, token 0 has no predictor and is left out, as in collate_pairs)
+        for ends, at in zip(last, (at_c, at_r)):
+            ends.append(at[-1] if at else max(start - 1, 0))  # an empty completion: the prompt's last token
         for (src, tgt, ok), tokens, at in ((chosen, c, at_c), (rejected, r, at_r)):
             src.append(([start - 1] + at)[: len(tokens)])
             tgt.append(tokens)
@@ -239,7 +245,8 @@ def collate_shared_pairs(items: Sequence[dict], pad_id: int) -> SharedPromptPair
     n_seq = sum(2 * len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items)
     return SharedPromptPairs(input_ids, allowed[:, None], _pad(pos, 0, width=width),
                              _pad(chosen[0] + rejected[0], 0).clamp(min=0),  # (2B, C)
-                             _pad(chosen[1] + rejected[1], pad_id), _pad(chosen[2] + rejected[2], 0), margin, n_seq)
+                             _pad(chosen[1] + rejected[1], pad_id), _pad(chosen[2] + rejected[2], 0), margin, n_seq,
+                             torch.tensor(last[0] + last[1]))  # (2B,)
 
 
 @dataclass

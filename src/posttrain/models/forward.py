@@ -161,6 +161,16 @@ def token_logprobs(
     )
 
 
+def _custom_mask_hidden(model: nn.Module, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
+    """Final hidden states (B, L, D) under a custom (B, 1, L, L) bool mask (True = may attend), e.g.
+    `data.SharedPromptPairs`; eager attention adds its mask to the scores, so it gets the additive form."""
+    if attention_mask.dtype == torch.bool and unwrap(model).config._attn_implementation != "sdpa":
+        dtype = next(unwrap(model).parameters()).dtype
+        attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+            ~attention_mask, torch.finfo(dtype).min)
+    return _final_hidden(model, input_ids, attention_mask, position_ids, **kwargs)
+
+
 def token_logprobs_at(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -177,11 +187,7 @@ def token_logprobs_at(
     chosen, rejected in one row): attention_mask (B, 1, L, L) bool (True = may attend), position_ids (B, L),
     source (N, C) indices into the B * L positions, targets (N, C) token ids.
     """
-    if attention_mask.dtype == torch.bool and unwrap(model).config._attn_implementation != "sdpa":
-        dtype = next(unwrap(model).parameters()).dtype  # eager adds the mask to the scores
-        attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
-            ~attention_mask, torch.finfo(dtype).min)
-    hidden = _final_hidden(model, input_ids, attention_mask, position_ids, logits_to_keep=1)  # (B, L, D)
+    hidden = _custom_mask_hidden(model, input_ids, attention_mask, position_ids, logits_to_keep=1)  # (B, L, D)
     picked = hidden.reshape(-1, hidden.shape[-1])[source.reshape(-1)]  # (N * C, D)
     logp = logprobs_from_hidden(picked, lm_head_weight(model), targets.reshape(-1), temperature=temperature)
     return logp.reshape(targets.shape)  # (N, C)
@@ -210,6 +216,16 @@ def token_values(
     values = _score_head(critic)(hidden)  # (B, T, C); a peft ModulesToSaveWrapper routes to the trained copy
     values = values.float()
     return values.squeeze(-1) if values.shape[-1] == 1 else values
+
+
+def sequence_scores_at(rm: nn.Module, input_ids, attention_mask, position_ids, index) -> torch.Tensor:
+    """The score head at flattened positions `index` (N,) of rows with a custom (B, 1, L, L) bool mask: (N,) for one
+    label, (N, C) for C. For `data.SharedPromptPairs` with index = `last`: each completion's reward, read where its
+    hidden state has seen exactly its own prompt+completion row (the same score as `sequence_scores` there)."""
+    hidden = _custom_mask_hidden(rm, input_ids, attention_mask, position_ids)  # (B, L, D)
+    picked = hidden.reshape(-1, hidden.shape[-1])[index]  # (N, D)
+    scores = _score_head(rm)(picked).float()  # (N, C)
+    return scores.squeeze(-1) if scores.shape[-1] == 1 else scores
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

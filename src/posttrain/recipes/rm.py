@@ -8,9 +8,12 @@ trained with the Bradley-Terry loss
     loss(pair) = -log sigmoid(r(chosen) - r(rejected) - margin) + center_rewards_coef * (r_c + r_r)^2
 
 with the optional per-pair ``margin`` column (Llama 2; ``margin: false`` ignores it) and the optional
-reward-centring term (Eisenstein et al. 2023). Chosen and rejected go through the model in ONE
-concatenated forward pass (rows 0..B-1 chosen, B..2B-1 rejected), so both see the same weights and
-the same padding width.
+reward-centring term (Eisenstein et al. 2023). Chosen and rejected go through the model in ONE forward
+pass, so both see the same weights. On SDPA / eager attention a pair is one row (`data.collate_shared_pairs`:
+the prompt and the tokens chosen and rejected start with in common once, rejected masked from chosen), and each
+score is read at its completion's last token, whose hidden state has seen exactly its own prompt+completion
+row: the same rewards as two separate rows from P + C_w + C_l - S forward tokens instead of 2P + C_w + C_l.
+Other attention implementations take `collate_pairs` (rows 0..B-1 chosen, B..2B-1 rejected).
 
 Rankings. A row may rank K responses (best first). As in InstructGPT, all C(K,2) pairs of one prompt
 form ONE batch element: the K responses take one forward each and the example's loss is the mean of
@@ -39,11 +42,13 @@ import math
 import torch
 
 from posttrain.config import RMConfig
-from posttrain.data import PairBatch, collate_pairs, collate_prompts, collate_rankings
+from posttrain.data import (PairBatch, RankingBatch, SharedPromptPairs, collate_pairs, collate_prompts,
+                            collate_rankings, collate_shared_pairs)
 from posttrain.engine import setup_run, unwrap
 from posttrain.engine.loop import fit
 from posttrain.losses import bradley_terry_loss
-from posttrain.models import load_sequence_classifier, load_tokenizer, save_pretrained_atomic, sequence_scores
+from posttrain.models import (load_sequence_classifier, load_tokenizer, save_pretrained_atomic, sequence_scores,
+                              sequence_scores_at)
 from posttrain.models import unwrap as base_model
 from posttrain.recipes.common import load_data, prepare_trainable
 
@@ -54,12 +59,16 @@ from posttrain.recipes.common import load_data, prepare_trainable
 def pair_rewards(model, batch):
     """One forward over every response of the batch; rewards of each pair's better and worse response.
 
-    batch: a `PairBatch` (B pairs, 2B rows) or a `RankingBatch` (N responses, P pairs).
-    Returns (r_better (P,), r_worse (P,), weight (P,), scores (N,)); weight is 1 / C(K,2) of the pair's
-    example, so each example's weights sum to 1.
+    batch: a `SharedPromptPairs` (B pairs, B rows), a `PairBatch` (B pairs, 2B rows) or a `RankingBatch` (N
+    responses, P pairs). Returns (r_better (P,), r_worse (P,), weight (P,), scores (N,)); weight is 1 / C(K,2) of
+    the pair's example, so each example's weights sum to 1.
     """
-    scores = sequence_scores(model, batch.input_ids, batch.attention_mask).float()  # (N,) head at the last real token
-    if isinstance(batch, PairBatch):
+    if isinstance(batch, SharedPromptPairs):
+        scores = sequence_scores_at(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                    batch.last).float()  # (2B,): chosen then rejected
+    else:
+        scores = sequence_scores(model, batch.input_ids, batch.attention_mask).float()  # (N,) at the last real token
+    if isinstance(batch, (PairBatch, SharedPromptPairs)):
         b = batch.num_pairs
         return scores[:b], scores[b:], torch.ones_like(scores[:b]), scores  # (B,) x 3, (2B,)
     pairs_per_example = torch.bincount(batch.pair_group)  # (G,) = C(K,2) of each example
@@ -68,8 +77,14 @@ def pair_rewards(model, batch):
 
 
 def num_examples(batch) -> int:
-    """The loss's normaliser: pairs of a `PairBatch`, ranked prompts (each counts once) of a `RankingBatch`."""
-    return batch.num_pairs if isinstance(batch, PairBatch) else int(batch.pair_group.max()) + 1
+    """The loss's normaliser: pairs of a `PairBatch` / `SharedPromptPairs`, ranked prompts (each counts once) of a
+    `RankingBatch`."""
+    return int(batch.pair_group.max()) + 1 if isinstance(batch, RankingBatch) else batch.num_pairs
+
+
+def sequence_tokens(batch) -> int:
+    """Tokens of the batch's prompt+completion sequences (a shared prompt counts for each sequence it stands for)."""
+    return batch.sequence_tokens if isinstance(batch, SharedPromptPairs) else int(batch.attention_mask.sum())
 
 
 def weighted_losses(cfg: RMConfig, model, batch):
@@ -153,15 +168,17 @@ def main(cfg: RMConfig) -> dict:
     model = load_sequence_classifier(cfg.model, num_labels=1, dtype=cfg.dtype, device=device, tokenizer=tok,
                                      gradient_checkpointing=cfg.gradient_checkpointing)
 
-    # Pairs only: collate_pairs (chosen rows then rejected rows). Any K-way ranking: every item as a ranking.
+    # Pairs only: one row per pair where the attention takes a custom mask, else chosen rows then rejected rows.
+    # Any K-way ranking: every item as a ranking.
     rankings = any("response_ids" in it for it in data.train + data.eval)
-    collate_fn = collate_rankings if rankings else collate_pairs
+    shared = base_model(model).config._attn_implementation in ("sdpa", "eager")
+    collate_fn = collate_rankings if rankings else collate_shared_pairs if shared else collate_pairs
     collate = lambda group: collate_fn(group, tok.pad_token_id).to(device)  # noqa: E731
 
     run.logger.log(data.summary, step=0)
     model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type="seq_cls", n_items=len(data.train))
     result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=make_loss(cfg),
-                 count_fn=num_examples, tokens_fn=lambda b: int(b.attention_mask.sum()),
+                 count_fn=num_examples, tokens_fn=sequence_tokens,
                  evaluate=make_evaluate(data.eval, cfg, collate) if data.eval else None, tokenizer=tok)
     norm: dict[str, float] = {}
     if not result.stopped:
