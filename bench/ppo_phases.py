@@ -1,9 +1,9 @@
 """Where a PPO iteration's time goes, posttrain and TRL 1.12 side by side (the profile behind results.md).
 
-    .venv/bin/python bench/ppo_phases.py [--work bench/work] [--repeats 3]
+    .venv/bin/python bench/ppo_phases.py [--results bench/results.md] [--case ppo-tiny] [--repeats 3]
 
-Reruns the two commands `bench/run.py` recorded for the `ppo-tiny` case (`<work>/raw.json`), alternating the
-sides, each with a phase timer: the functions of each side's PPO loop are wrapped (no code changes, nothing else
+Reruns the two commands `bench/run.py` recorded for a PPO case (the "Exact commands" of a results file, whose
+model and data folders must still be under bench/work), alternating the sides, each with a phase timer: the functions of each side's PPO loop are wrapped (no code changes, nothing else
 timed), and the medians over the runs are printed as one markdown table. The phases are matched by what they
 compute: sampling, the no-grad scoring passes, the training forward + loss, backward, optimizer step, and on the
 TRL side its explicit `gc.collect()` / `empty_cache()` calls. Rows a side does not have are left empty.
@@ -18,6 +18,7 @@ import argparse
 import collections
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -74,9 +75,13 @@ def posttrain_side(argv: list[str]) -> None:
     torch.Tensor.backward = timed("backward", torch.Tensor.backward)
     torch.optim.AdamW.step = timed("optimizer", torch.optim.AdamW.step)
     step.torch.nn.utils.clip_grad_norm_ = timed("optimizer", torch.nn.utils.clip_grad_norm_)
-    main(argv)
+    try:
+        main(argv)
+    except SystemExit as e:  # the CLI's exit status
+        if e.code:
+            raise
     T["loop"] = sum(T.pop(k, 0.0) for k in ("loop-rollout", "loop-experience", "loop-update"))
-    print(json.dumps(dict(T)))
+    print("PHASES " + json.dumps(dict(T)), flush=True)
 
 
 def trl_side(argv: list[str]) -> None:
@@ -102,8 +107,12 @@ def trl_side(argv: list[str]) -> None:
     torch.optim.AdamW.step = timed("optimizer", torch.optim.AdamW.step)
     M.PPOTrainer.train = timed("loop", M.PPOTrainer.train)
     sys.argv = argv
-    runpy.run_path(argv[0], run_name="__main__")
-    print(json.dumps(dict(T)))
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as e:  # the peer scripts end with `raise SystemExit(main())`
+        if e.code:
+            raise
+    print("PHASES " + json.dumps(dict(T)), flush=True)
 
 
 def run_side(cmd: list[str], side: str, env: dict) -> dict:
@@ -114,13 +123,31 @@ def run_side(cmd: list[str], side: str, env: dict) -> dict:
     out = subprocess.run([python, __file__, "--side", side, "--", *rest], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{side} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(next(x for x in reversed(out.stdout.splitlines()) if x.startswith("PHASES "))[len("PHASES "):])
+
+
+def recorded_commands(results: Path, case: str) -> tuple[list[str], list[str], str]:
+    """(posttrain command, peer command, OMP threads) of `case` from a results file's "Exact commands" block: the
+    two lines after `# <case>`, without their leading VAR=value environment words."""
+    lines = results.read_text().splitlines()
+    try:
+        at = lines.index(f"# {case}")
+    except ValueError:
+        raise SystemExit(f"{results}: no `# {case}` in its exact commands") from None
+    cmds, threads = [], "1"
+    for line in lines[at + 1: at + 3]:
+        words = shlex.split(line)
+        env = [w for w in words if "=" in w.split("/")[0] and w[0].isupper()]
+        threads = next((w.split("=", 1)[1] for w in env if w.startswith("OMP_NUM_THREADS=")), threads)
+        cmds.append(words[len(env):])
+    return cmds[0], cmds[1], threads
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side", choices=["posttrain", "trl"])
-    ap.add_argument("--work", default=str(ROOT / "bench" / "work"))
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results.md"))
+    ap.add_argument("--case", default="ppo-tiny")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     a = ap.parse_args()
@@ -131,16 +158,15 @@ def main() -> int:
     if a.side == "trl":
         trl_side(rest)
         return 0
-    case = json.loads((Path(a.work) / "raw.json").read_text())["ppo-tiny"]
-    threads = str(len(os.sched_getaffinity(0)))
+    posttrain_cmd, peer_cmd, threads = recorded_commands(Path(a.results), a.case)
     runs: dict[str, list[dict]] = {"posttrain": [], "trl": []}
     for _ in range(a.repeats):
-        for side, cmd in (("posttrain", case["posttrain_cmd"]), ("trl", case["peer_cmd"])):
+        for side, cmd in (("posttrain", posttrain_cmd), ("trl", peer_cmd)):
             env = {**os.environ, "OMP_NUM_THREADS": threads}
             env.pop("POSTTRAIN_BENCH_JSON", None)
             runs[side].append(run_side(cmd, side, env))
     med = {s: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in set().union(*rs)} for s, rs in runs.items()}
-    print(f"PPO tiny, medians of {a.repeats} runs a side, {threads} threads, seconds over the whole run:\n")
+    print(f"{a.case}, medians of {a.repeats} runs a side, {threads} threads, seconds over the whole run:\n")
     print("| phase | posttrain s | TRL 1.12 s |\n|---|---:|---:|")
     for label, pk, tk in PHASES:
         cell = lambda side, key: f"{med[side][key]:.2f}" if key and key in med[side] else ""  # noqa: E731

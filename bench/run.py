@@ -711,7 +711,10 @@ def main(argv: list[str] | None = None) -> int:
     avail = {r: posttrain_has(r) for r in only}
     sections: list[str] = []
     commands: list[str] = []
-    raw: dict = {}
+    try:  # cases of earlier runs stay, this run's replace theirs
+        raw: dict = json.loads((work / "raw.json").read_text())
+    except (OSError, ValueError):
+        raw = {}
     t_start = time.perf_counter()
     for n_done, p in enumerate(all_plans):
         key = f"{p.recipe}-{p.scale}"
