@@ -189,16 +189,12 @@ def shared_logps(model, b):
     return torch.where(b.target_mask.bool(), logp, 0.0).sum(-1)  # (2B,)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_a_prefix_shared_by_chosen_and_rejected_runs_once_with_the_pair_rows_logps_and_gradients(tok, attn):
-    """Chosen and rejected that start alike ("yes it was a great movie" / "yes it was a bad film") run their common
-    prefix once, as part of the prompt; each completion's summed log-prob and the gradients still equal those of
-    the 2B separate padded prompt+completion rows (float64; tolerances as in the test above). Edge cases in the
-    same batch: identical completions, a rejected that is a prefix of the chosen, no shared token, no prompt."""
-    model = tiny_llama(len(tok), attn)
+def prefix_items(tok) -> tuple[list[int], list[dict]]:
+    """The prompt and preference items of the shared-prefix tests: a 4-token shared prefix ("yes it was a"),
+    identical completions, a rejected that is a prefix of the chosen, no shared token, no prompt."""
     ids = lambda text: tok.convert_tokens_to_ids(text.split())  # noqa: E731
     prompt = ids("<|im_start|> user a good film ? <|im_end|> <|im_start|> assistant")
-    items = [
+    return prompt, [
         {"prompt_ids": prompt, "chosen_ids": ids("yes it was a great movie <|im_end|>"),
          "rejected_ids": ids("yes it was a bad film <|im_end|>")},  # shares 4
         {"prompt_ids": prompt[:3], "chosen_ids": ids("one two <|im_end|>"), "rejected_ids": ids("one two <|im_end|>")},
@@ -206,6 +202,16 @@ def test_a_prefix_shared_by_chosen_and_rejected_runs_once_with_the_pair_rows_log
         {"prompt_ids": prompt, "chosen_ids": ids("yes <|im_end|>"), "rejected_ids": ids("bad film <|im_end|>")},
         {"prompt_ids": [], "chosen_ids": ids("hi hello friend"), "rejected_ids": ids("hi see you")},
     ]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_prefix_shared_by_chosen_and_rejected_runs_once_with_the_pair_rows_logps_and_gradients(tok, attn):
+    """Chosen and rejected that start alike ("yes it was a great movie" / "yes it was a bad film") run their common
+    prefix once, as part of the prompt; each completion's summed log-prob and the gradients still equal those of
+    the 2B separate padded prompt+completion rows (float64; tolerances as in the test above). Edge cases in the
+    same batch: identical completions, a rejected that is a prefix of the chosen, no shared token, no prompt."""
+    model = tiny_llama(len(tok), attn)
+    prompt, items = prefix_items(tok)
     model.zero_grad()
     want = completion_logps(model, collate_pairs(items, tok.pad_token_id))  # (2B,)
     want.sum().backward()
@@ -282,16 +288,7 @@ def test_shared_pair_rows_give_each_completion_its_own_rows_reward_and_gradients
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          attn_implementation=attn, num_labels=1, pad_token_id=tok.pad_token_id)
     rm = LlamaForSequenceClassification(config).double()
-    ids = lambda text: tok.convert_tokens_to_ids(text.split())  # noqa: E731
-    prompt = ids("<|im_start|> user a good film ? <|im_end|> <|im_start|> assistant")
-    items = [
-        {"prompt_ids": prompt, "chosen_ids": ids("yes it was a great movie <|im_end|>"),
-         "rejected_ids": ids("yes it was a bad film <|im_end|>")},
-        {"prompt_ids": prompt[:3], "chosen_ids": ids("one two <|im_end|>"), "rejected_ids": ids("one two <|im_end|>")},
-        {"prompt_ids": prompt, "chosen_ids": ids("no no maybe <|im_end|>"), "rejected_ids": ids("no no")},
-        {"prompt_ids": prompt, "chosen_ids": ids("yes <|im_end|>"), "rejected_ids": ids("bad film <|im_end|>")},
-        {"prompt_ids": [], "chosen_ids": ids("hi hello friend"), "rejected_ids": ids("hi see you")},
-    ]
+    prompt, items = prefix_items(tok)
     pairs = collate_pairs(items, tok.pad_token_id)
     rm.zero_grad()
     want = sequence_scores(rm, pairs.input_ids, pairs.attention_mask)  # (2B,) chosen then rejected
