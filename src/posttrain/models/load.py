@@ -167,7 +167,10 @@ def _finish(model, tokenizer, device, gradient_checkpointing: bool):
         # Non-reentrant checkpointing of every GradientCheckpointingLayer: each layer's call keeps its input and
         # keyword arguments and runs again in the backward pass, so a packed batch's per-sequence attention
         # (`forward._sdpa_or_varlen`, dispatched on a keyword argument) is recomputed as it ran.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the older name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.to(device)
 
