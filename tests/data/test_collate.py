@@ -149,6 +149,14 @@ def test_left_and_right_padding_give_the_same_logps(tok):
     assert torch.allclose(alone, right[[0, 2]], atol=1e-10, rtol=0)
 
 
+def values_and_grads(model, forward, loss=lambda out: out.sum()):
+    """forward()'s output (detached) and the gradient of loss(output) on every parameter, from zeroed gradients."""
+    model.zero_grad()
+    out = forward()
+    loss(out).backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prompt_rows_give_the_pair_rows_logps_and_gradients(tok, attn):
     """One row per pair (prompt once, rejected masked from chosen, positions restarting after the prompt) gives each
@@ -159,18 +167,14 @@ def test_shared_prompt_rows_give_the_pair_rows_logps_and_gradients(tok, attn):
 
     model = tiny_llama(len(tok), attn)
     items = pair_items(tok)
-    model.zero_grad()
-    want = completion_logps(model, collate_pairs(items, tok.pad_token_id))  # (4,)
-    want.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+    want, grads = values_and_grads(model, lambda: completion_logps(model, collate_pairs(items, tok.pad_token_id)))  # (4,)
     b = collate_shared_pairs(items, tok.pad_token_id)
-    got = torch.where(b.target_mask.bool(), token_logprobs_at(model, b.input_ids, b.attention_mask, b.position_ids,
-                                                              b.source, b.targets), 0.0).sum(-1)  # (4,)
-    got.sum().backward()
+    got, got_grads = values_and_grads(model, lambda: torch.where(
+        b.target_mask.bool(), token_logprobs_at(model, b.input_ids, b.attention_mask, b.position_ids, b.source,
+                                                b.targets), 0.0).sum(-1))  # (4,)
     assert torch.allclose(got, want, atol=1e-10 if attn == "sdpa" else 1e-6, rtol=0)
-    for p, g in zip(model.parameters(), grads):
-        assert torch.allclose(p.grad, g, atol=1e-6, rtol=0)
+    for g_got, g in zip(got_grads, grads):
+        assert torch.allclose(g_got, g, atol=1e-6, rtol=0)
     # by hand, pair 0: prompt P tokens, chosen 2, rejected 4; the rejected ones see the prompt and themselves only
     p, (c, r) = len(items[0]["prompt_ids"]), (2, 4)
     mask = b.attention_mask[0, 0]  # (L, L)
@@ -212,17 +216,12 @@ def test_a_prefix_shared_by_chosen_and_rejected_runs_once_with_the_pair_rows_log
     same batch: identical completions, a rejected that is a prefix of the chosen, no shared token, no prompt."""
     model = tiny_llama(len(tok), attn)
     prompt, items = prefix_items(tok)
-    model.zero_grad()
-    want = completion_logps(model, collate_pairs(items, tok.pad_token_id))  # (2B,)
-    want.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+    want, grads = values_and_grads(model, lambda: completion_logps(model, collate_pairs(items, tok.pad_token_id)))
     b = collate_shared_pairs(items, tok.pad_token_id)
-    got = shared_logps(model, b)  # (2B,)
-    got.sum().backward()
+    got, got_grads = values_and_grads(model, lambda: shared_logps(model, b))  # (2B,)
     assert torch.allclose(got, want, atol=1e-10 if attn == "sdpa" else 1e-6, rtol=0)
-    for p, g in zip(model.parameters(), grads):
-        assert torch.allclose(p.grad, g, atol=1e-6, rtol=0)
+    for g_got, g in zip(got_grads, grads):
+        assert torch.allclose(g_got, g, atol=1e-6, rtol=0)
     # the layout by hand: row 0 holds prompt, the 4 shared tokens, chosen's 3 others, rejected's 3 others
     p = len(prompt)
     assert b.input_ids.shape[1] == max(len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"]) - s
@@ -290,17 +289,14 @@ def test_shared_pair_rows_give_each_completion_its_own_rows_reward_and_gradients
     rm = LlamaForSequenceClassification(config).double()
     prompt, items = prefix_items(tok)
     pairs = collate_pairs(items, tok.pad_token_id)
-    rm.zero_grad()
-    want = sequence_scores(rm, pairs.input_ids, pairs.attention_mask)  # (2B,) chosen then rejected
-    bradley_terry_loss(want[:5], want[5:])[0].sum().backward()
-    grads = [p.grad.clone() for p in rm.parameters()]
-    rm.zero_grad()
+    bt = lambda r: bradley_terry_loss(r[:5], r[5:])[0].sum()  # noqa: E731  (chosen then rejected)
+    want, grads = values_and_grads(rm, lambda: sequence_scores(rm, pairs.input_ids, pairs.attention_mask), bt)  # (2B,)
     b = collate_shared_pairs(items, tok.pad_token_id)
-    got = sequence_scores_at(rm, b.input_ids, b.attention_mask, b.position_ids, b.last)  # (2B,)
-    bradley_terry_loss(got[:5], got[5:])[0].sum().backward()
+    got, got_grads = values_and_grads(
+        rm, lambda: sequence_scores_at(rm, b.input_ids, b.attention_mask, b.position_ids, b.last), bt)  # (2B,)
     assert torch.allclose(got, want, atol=1e-10 if attn == "sdpa" else 1e-6, rtol=0)
-    for p, g in zip(rm.parameters(), grads):
-        assert torch.allclose(p.grad, g, atol=1e-6, rtol=0)
+    for g_got, g in zip(got_grads, grads):
+        assert torch.allclose(g_got, g, atol=1e-6, rtol=0)
     width, p = b.input_ids.shape[1], len(prompt)
     assert b.last[0] == p + 6 and b.last[5] == p + 9  # pair 0: 4 shared + 3 chosen; rejected's 3 after them
     assert b.last[7] == 2 * width + p + 1  # pair 2's rejected "no no" ends inside the shared run
