@@ -67,6 +67,26 @@ def test_masked_stats_padding_invariance():
     assert abs(masked_var(w, mask).item() - 1) < 1e-6
 
 
+def test_masked_whiten_over_ranks_equals_the_whole_batch():
+    """Rows split over two "ranks": whitening rank 0's rows with rank 1's sums added (what all_reduce_sum gives)
+    returns exactly rank 0's rows of the whole batch's whitening; an identity reduction is the one-process case."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    mask = _lengths_mask([6, 2, 5, 3], 6)
+    whole = masked_whiten(x, mask)
+    other, other_mask = x[2:], mask[2:]  # rank 1
+    mean = masked_mean(x, mask)
+
+    def sum_over_ranks(t):  # rank 1's contribution to each of the two reductions masked_whiten makes
+        if t.numel() == 2:
+            return t + torch.stack([torch.where(other_mask, other, 0.0).sum(), other_mask.sum().double()])
+        return t + torch.where(other_mask, (other - mean) ** 2, 0.0).sum()
+
+    torch.testing.assert_close(masked_whiten(x[:2], mask[:2], sum_over_ranks=sum_over_ranks), whole[:2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(masked_whiten(x, mask, sum_over_ranks=lambda t: t), whole, rtol=0, atol=1e-12)
+    assert not torch.allclose(masked_whiten(x[:2], mask[:2]), whole[:2])  # rank 0 alone whitens differently
+
+
 def test_kl_estimators_hand_values():
     """logp = ln 0.5, ref_logp = ln 0.25, so log r = ln 0.5 = -0.693147, r = 0.5:
     k1 = 0.693147, k2 = 0.5 * 0.480453 = 0.240227, k3 = (0.5 - 1) + 0.693147 = 0.193147."""

@@ -82,3 +82,35 @@ def test_round_prompts_use_every_prompt_before_repeating():
 def test_no_prompts_is_a_config_error(tiny_model, tmp_path, capsys):
     assert main(["online-dpo", f"model={tiny_model}", f"output_dir={tmp_path}", "reward.task=arithmetic"]) == 2
     assert "prompts" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tiny_model, arith_dir, fn_file, tmp_path):
+    """torchrun with 2 gloo ranks == 1 process for two rounds: each rank samples 3 of the 6 prompts with the
+    one-process uniforms and caches its own pairs' reference log-probs; the gathered pairs, the round stats, the
+    held-out eval and the final weights agree (float32 rounding)."""
+    import os
+    import subprocess
+    import sys
+
+    extra = ["rounds=2", "dtype=float32"]  # 6 pairs a round: one step of 6 on one process, of 3 + 3 on two
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(online_args(tiny_model, arith_dir, one, fn_file, *extra, "batch_size=6")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "posttrain", *online_args(tiny_model, arith_dir, two, fn_file, *extra, "batch_size=3"),
+                           "--nproc", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows1 = [r for r in read_metrics(one / "metrics.jsonl") if "pairs" in r or r.get("round") == 0]
+    rows2 = [r for r in read_metrics(two / "metrics.jsonl") if "pairs" in r or r.get("round") == 0]
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows2] and len(rows1) == 3
+    assert rows1[1]["pairs"] >= 2  # the rounds trained on pairs from both halves' prompts
+    for a, b in zip(rows1, rows2):
+        for key in ("pairs", "eval_gold_reward", "rollout/response_length", "rollout/eos_rate"):
+            assert a.get(key) == b.get(key), key
+        for key in ("reward/mean", "reward/max", "loss", "rewards/margins", "grad_norm"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    for k in a:  # Adam divides by |g|: the few weights whose gradient is at rounding level may move differently
+        diff = (a[k] - b[k]).abs()
+        assert (diff > 1e-5).double().mean() < 1e-3 and diff.mean() < 1e-7, k

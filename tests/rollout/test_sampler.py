@@ -208,3 +208,22 @@ def test_rollout_tensors_can_enter_a_loss(model64, tokenizer):
     weight = torch.ones((), dtype=torch.float32, requires_grad=True)
     (weight * batch.logprobs * batch.response_mask).sum().backward()
     assert weight.grad is not None
+
+
+def test_a_row_slice_samples_what_the_whole_batch_gives_those_rows(eos_model, tokenizer):
+    """Two processes each sampling half the prompts with the same generator seed and their row_offset get, row for
+    row, the samples one process gets for all of them (each step draws the whole batch's uniforms; rows end at
+    different steps, so the halves stop drawing at different times)."""
+    prompts = PROMPTS
+    sampler = Sampler(eos_model, tokenizer, RolloutConfig(max_new_tokens=8, temperature=1.0))
+    whole = sampler.generate(prompts, num_samples=2, generator=torch.Generator().manual_seed(3))
+    n, half = 2 * len(prompts), len(prompts) // 2
+    parts = [sampler.generate(prompts[:half], num_samples=2, generator=torch.Generator().manual_seed(3),
+                              row_offset=0, total_rows=n),
+             sampler.generate(prompts[half:], num_samples=2, generator=torch.Generator().manual_seed(3),
+                              row_offset=2 * half, total_rows=n)]
+    rows = [ids[:k].tolist() for part in parts for ids, k in zip(part.response_ids, part.response_lengths())]
+    assert rows == [ids[:k].tolist() for ids, k in zip(whole.response_ids, whole.response_lengths())]
+    assert len({tuple(r) for r in rows}) > 1  # the rows are not all alike
+    with pytest.raises(ValueError, match="total_rows"):
+        sampler.generate(prompts, generator=torch.Generator(), row_offset=1, total_rows=len(prompts))

@@ -136,9 +136,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _parallel_parts(model: nn.Module) -> list[nn.Module]:
+    """``model`` itself when it is DDP / FSDP2, else its data-parallel children (PPO's ModuleDict of policy and
+    critic, each wrapped on its own)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) or is_fsdp(model):
+        return [model]
+    return [m for m in model.children() if isinstance(m, nn.parallel.DistributedDataParallel) or is_fsdp(m)]
+
+
 def is_parallel(model: nn.Module) -> bool:
-    """True when gradients of ``model`` are averaged over ranks (DDP or FSDP2)."""
-    return isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "set_requires_gradient_sync")
+    """True when gradients of ``model`` are averaged over ranks: DDP or FSDP2, or a container whose every child
+    with trainable parameters is."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) or is_fsdp(model):
+        return True
+    trainable = [m for m in model.children() if any(p.requires_grad for p in m.parameters())]
+    return bool(trainable) and len(_parallel_parts(model)) == len(trainable)
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -154,14 +166,12 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """
     if enabled:
         yield
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
-        with model.no_sync():
-            yield
-    elif is_fsdp(model):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
+        return
+    with contextlib.ExitStack() as stack:
+        for part in _parallel_parts(model):
+            if isinstance(part, nn.parallel.DistributedDataParallel):
+                stack.enter_context(part.no_sync())
+            else:
+                part.set_requires_gradient_sync(False)
+                stack.callback(part.set_requires_gradient_sync, True)
         yield

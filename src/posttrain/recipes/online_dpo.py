@@ -19,8 +19,10 @@ LoRA base (adapter disabled), or — full fine-tuning — a frozen copy of the s
 
 Departures from the textbook / choices:
 - Each round is one DPO run: a fresh AdamW state and learning-rate schedule (warm-up, decay) per round.
-- Every rank samples the same prompts with the same seeded generator, so all ranks hold the same pairs and
-  the DPO loop splits them over ranks as usual (simple, redundant sampling work).
+- Several processes: each rank samples and scores a contiguous share of the round's prompts, with the uniforms one
+  process would draw for those rows (the sampler's `row_offset`), and caches the reference log-probs of its own
+  pairs; the pairs are then gathered in prompt order, so every rank holds the one-process pair list and the DPO
+  loop splits it over ranks as usual. The round's stats are over all ranks' samples; the held-out eval is split too.
 - Pairs use the sampled token ids as they are (no decode / re-encode round trip); a response that hit
   `rollout.max_new_tokens` without EOS is used as it is.
 - Held-out gold reward (`eval_gold_reward`, with `eval_task`): GREEDY decoding on the first `eval_prompts`
@@ -47,8 +49,8 @@ import torch
 
 from posttrain.config import ConfigError, OnlineDPOConfig
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
-from posttrain.engine import (Checkpointer, build_optimizer, build_scheduler, load_checkpoint, resolve_resume, setup_run,
-                              total_steps_for, unwrap, wrap_model)
+from posttrain.engine import (Checkpointer, all_reduce_sum, build_optimizer, build_scheduler, load_checkpoint,
+                              resolve_resume, setup_run, total_steps_for, unwrap, wrap_model)
 from posttrain.engine.loop import fit
 from posttrain.models import apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from posttrain.recipes.dpo import (adapter_free_reference, cache_reference, check_config, collate_dpo, dpo_objective,
@@ -99,9 +101,35 @@ def round_prompts(prompts: list[dict], cfg: OnlineDPOConfig, r: int) -> list[dic
 # --------------------------------------------------------------------------- sample, score, pair
 
 
-def sample_pairs(sampler: Sampler, tok, reward, prompts: list[dict], k: int, generator) -> tuple[list[dict], dict]:
-    """Best-vs-worst preference items (token ids) from k scored samples per prompt, and the round's sample stats."""
-    rollout = sampler.generate([p["input_ids"] for p in prompts], num_samples=k, generator=generator)  # N = P*k rows
+def share(n: int, dist) -> tuple[int, int]:
+    """[lo, hi): this rank's contiguous share of n items (ceil(n / world) each; the last ranks may get fewer)."""
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    size = -(-n // world)
+    return min(n, rank * size), min(n, (rank + 1) * size)
+
+
+def sample_pairs(sampler: Sampler, tok, reward, prompts: list[dict], k: int, generator, dist=None) -> tuple[list[dict], dict]:
+    """Best-vs-worst preference items (token ids) from k scored samples per prompt, and the round's sample stats.
+
+    With `dist` over several processes: the items of this rank's share of `prompts` (`share`), sampled as one
+    process would sample those rows; the stats are over every rank's samples."""
+    lo, hi = share(len(prompts), dist)
+    totals = torch.zeros(7, dtype=torch.float64)  # sum score, samples, sum of best scores, prompts, eos, tokens, pairs
+    pairs = []
+    if hi > lo:
+        pairs, totals = _sample_share(sampler, tok, reward, prompts[lo:hi], k, generator, lo * k, len(prompts) * k)
+    if dist is not None and dist.distributed:
+        totals = all_reduce_sum(totals.to(dist.device)).cpu()
+    s, n, best, p, eos, tokens, n_pairs = totals.tolist()
+    stats = {"reward/mean": s / n, "reward/max": best / p, "pairs": int(n_pairs), "rollout/eos_rate": eos / n,
+             "rollout/response_length": tokens / n}
+    return pairs, stats
+
+
+def _sample_share(sampler, tok, reward, prompts: list[dict], k: int, generator, row_offset: int, total_rows: int):
+    """(pairs, totals) of `sample_pairs` for these prompts, rows row_offset.. of a total_rows-row rollout."""
+    rollout = sampler.generate([p["input_ids"] for p in prompts], num_samples=k, generator=generator,
+                               row_offset=row_offset, total_rows=total_rows)  # N = P*k rows
     texts = rollout.texts(tok)
     scores = reward([prompts[i]["messages"] for i in rollout.prompt_index.tolist()], texts).view(len(prompts), k)  # (P, k)
     lengths = rollout.response_lengths().tolist()  # (N,)
@@ -114,17 +142,31 @@ def sample_pairs(sampler: Sampler, tok, reward, prompts: list[dict], k: int, gen
         pairs.append({"prompt_ids": prompt["input_ids"],
                       "chosen_ids": rollout.response_ids[chosen, : lengths[chosen]].tolist(),
                       "rejected_ids": rollout.response_ids[rejected, : lengths[rejected]].tolist()})
-    stats = {"reward/mean": float(scores.mean()), "reward/max": float(scores.max(dim=1).values.mean()),
-             "pairs": len(pairs), "rollout/eos_rate": float(rollout.ended_with_eos.float().mean()),
-             "rollout/response_length": float(rollout.response_lengths().float().mean())}
-    return pairs, stats
+    totals = torch.tensor([float(scores.double().sum()), float(scores.numel()), float(scores.double().max(dim=1).values.sum()),
+                           float(len(prompts)), float(rollout.ended_with_eos.sum()), float(rollout.response_lengths().sum()),
+                           float(len(pairs))], dtype=torch.float64)
+    return pairs, totals
 
 
-def gold_reward(sampler: Sampler, tok, task, prompts: list[dict]) -> float:
-    """Mean verifier score of greedy completions of the held-out prompts."""
-    rollout = sampler.generate([p["input_ids"] for p in prompts], greedy=True)
-    scores = task.verify_batch([prompt_text(p["messages"]) for p in prompts], rollout.texts(tok))
-    return sum(scores) / max(len(scores), 1)
+def gather_pairs(pairs: list[dict], dist) -> list[dict]:
+    """Every rank's pairs, in rank order (= prompt order, the shares being contiguous), on every rank."""
+    if dist is None or not dist.distributed:
+        return pairs
+    parts: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(parts, pairs)
+    return [item for part in parts for item in part]
+
+
+def gold_reward(sampler: Sampler, tok, task, prompts: list[dict], dist=None) -> float:
+    """Mean verifier score of greedy completions of the held-out prompts (each rank answers its `share`)."""
+    lo, hi = share(len(prompts), dist)
+    total = 0.0
+    if hi > lo:
+        rollout = sampler.generate([p["input_ids"] for p in prompts[lo:hi]], greedy=True)
+        total = float(sum(task.verify_batch([prompt_text(p["messages"]) for p in prompts[lo:hi]], rollout.texts(tok))))
+    if dist is not None and dist.distributed:
+        total = float(all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=dist.device)).item())
+    return total / max(len(prompts), 1)
 
 
 # --------------------------------------------------------------------------- one round of DPO
@@ -162,7 +204,9 @@ def round_reference(cfg: OnlineDPOConfig, r: int, model, initial):
     if initial is not None and (r == 1 or not cfg.reset_ref_each_round):
         return initial
     if cfg.precompute_ref:
-        return frozen_reference(model)  # used before the round's first update: it is the round-start policy
+        # used before the round's first update: it is the round-start policy. The bare model, not the DDP wrapper:
+        # each rank scores its own pairs, a different number of forwards, and a DDP forward is a collective.
+        return frozen_reference(unwrap(model))
     return frozen_reference(copy.deepcopy(unwrap(model)).requires_grad_(False))
 
 
@@ -227,16 +271,18 @@ def main(cfg: OnlineDPOConfig) -> dict:
     sampler = Sampler(unwrap(model), tok, cfg.rollout)
     record: dict = {}
     if task is not None and start == 1:
-        record = run.logger.log({"round": 0, "eval_gold_reward": gold_reward(sampler, tok, task, held_out)}, step=0)
+        record = run.logger.log({"round": 0, "eval_gold_reward": gold_reward(sampler, tok, task, held_out, run.dist)}, step=0)
 
     for r in range(start, cfg.rounds + 1):
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r)  # the round's samples: (seed, r) only
-        pairs, stats = sample_pairs(sampler, tok, reward, round_prompts(prompts, cfg, r), cfg.samples_per_prompt, generator)
+        pairs, stats = sample_pairs(sampler, tok, reward, round_prompts(prompts, cfg, r), cfg.samples_per_prompt, generator,
+                                    run.dist)  # this rank's pairs; stats over all ranks
         last: dict = {}
-        if pairs:
+        if stats["pairs"]:
             reference = round_reference(cfg, r, model, initial)
             if cfg.precompute_ref:
                 cache_reference(pairs, reference, tok.pad_token_id, device, cfg.batch_size)
+            pairs = gather_pairs(pairs, run.dist)
             result = train_round(run, cfg, model, tok, pairs, None if cfg.precompute_ref else reference, r, step)
             if result.stopped:
                 if is_main:
@@ -248,7 +294,7 @@ def main(cfg: OnlineDPOConfig) -> dict:
         elif is_main:
             print(f"round {r}: every prompt's samples tied; no pairs, no update", flush=True)
         if task is not None:
-            stats["eval_gold_reward"] = gold_reward(sampler, tok, task, held_out)
+            stats["eval_gold_reward"] = gold_reward(sampler, tok, task, held_out, run.dist)
         record = run.logger.log({"round": r, **stats, **last}, step=step)
         if is_main:
             print(f"round {r}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()), flush=True)

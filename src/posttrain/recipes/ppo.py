@@ -35,7 +35,16 @@ Departures from the textbook: the critic has its own learning rate (``critic_lea
 its own AdamW parameter group, but actor and critic take ONE joint backward of the summed loss with
 one gradient-norm clip over both, as TRL's PolicyAndValueWrapper (Adam is per-parameter, so the
 parameter group is a separate critic optimiser in all but the clipping). With LoRA the reference is
-the adapter-disabled base (no EMA possible then). One process only for now.
+the adapter-disabled base (no EMA possible then).
+
+Several processes (``--nproc N`` / torchrun): ``rollout.batch_size`` and ``mini_batch_size`` are global. Each rank
+takes a contiguous 1/N of the iteration's prompts (all ``samples_per_prompt`` samples of a prompt on one rank, so
+group baselines stay local) and samples them with the uniforms one process would give those rows (the sampler's
+``row_offset``); scores, log-probs and values are per rank; every batch statistic (reward and advantage whitening,
+the logged means, the adaptive KL's measurement) is over all ranks; each optimizer step takes
+``mini_batch_size / N`` of its own rows per rank, and policy and critic are each DistributedDataParallel, with the
+loss normalised by the global token count (``engine.train_step``). The result is the one-process run's up to float
+rounding when each rank samples in one generation chunk (tested with 2 gloo ranks).
 """
 
 from __future__ import annotations
@@ -53,7 +62,9 @@ from torch import nn
 
 from posttrain.config import ConfigError, PPOConfig
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
-from posttrain.engine import Progress, StopSignal, autocast_dtype, build_scheduler, ema_update, resolve_resume, setup_run, train_step
+from posttrain.engine import (Progress, StopSignal, all_reduce_sum, autocast_dtype, build_scheduler, ema_update, resolve_resume,
+                              setup_run, train_step, wrap_model)
+from posttrain.engine.dist import DistInfo
 from posttrain.engine.logging import write_bench_json
 from posttrain.engine.optim import adamw, param_groups
 from posttrain.losses import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, gae_advantages, grpo_advantages,
@@ -95,6 +106,25 @@ def check_config(cfg: PPOConfig) -> None:
         raise ConfigError(f"`ref_ema` must be in [0, 1], got {cfg.ref_ema}")
     if cfg.ref_ema > 0 and cfg.lora.r > 0:
         raise ConfigError("`ref_ema` needs full fine-tuning: with LoRA the reference is the frozen base model")
+
+
+def check_world(cfg: PPOConfig, world: int) -> None:
+    """The global batch sizes split evenly over `world` processes (module doc)."""
+    r = cfg.rollout
+    if r.batch_size % (world * r.samples_per_prompt):
+        raise ConfigError(f"`rollout.batch_size` ({r.batch_size}) must split over {world} processes x "
+                          f"`rollout.samples_per_prompt` ({r.samples_per_prompt}): a multiple of {world * r.samples_per_prompt}")
+    if cfg.mini_batch_size % world:
+        raise ConfigError(f"`mini_batch_size` ({cfg.mini_batch_size}) is global: it must be a multiple of the {world} processes")
+
+
+def mean_over_ranks(stats: dict, dist: DistInfo, summed: tuple[str, ...] = ()) -> dict:
+    """Per-rank means over equal shares of the batch -> the batch's means (keys in `summed` are added up)."""
+    if not dist.distributed:
+        return stats
+    names = sorted(stats)
+    total = all_reduce_sum(torch.tensor([float(stats[n]) for n in names], dtype=torch.float64, device=dist.device))
+    return {n: v if n in summed else v / dist.world_size for n, v in zip(names, total.tolist())}
 
 
 @dataclass
@@ -218,8 +248,9 @@ def masked_kl(logp, ref_logp, mask, kind: str) -> torch.Tensor:
     return torch.where(mask, kl_estimate(torch.where(mask, logp, zero), torch.where(mask, ref_logp, zero), kind), zero)
 
 
-def advantages_for(cfg: PPOConfig, scores, kl, values, mask, kl_coef: float):
-    """(advantages (N, R), returns (N, R) or None) for the configured estimator (module doc, step 4)."""
+def advantages_for(cfg: PPOConfig, scores, kl, values, mask, kl_coef: float, sum_over_ranks=None):
+    """(advantages (N, R), returns (N, R) or None) for the configured estimator (module doc, step 4).
+    `sum_over_ranks`: whiten over every process's tokens (`masked_whiten`)."""
     est, k = cfg.advantage_estimator, cfg.rollout.samples_per_prompt
     returns, whiten = None, cfg.whiten_advantages
     if est == "gae":
@@ -232,17 +263,20 @@ def advantages_for(cfg: PPOConfig, scores, kl, values, mask, kl_coef: float):
     else:
         adv, whiten = grpo_advantages(scores, k)[:, None].expand_as(kl), False
     adv = torch.where(mask, adv, torch.zeros_like(adv))
-    if whiten and int(mask.sum()) >= 2:
-        adv = masked_whiten(adv, mask)
+    count = mask.sum() if sum_over_ranks is None else sum_over_ranks(mask.sum())
+    if whiten and int(count) >= 2:
+        adv = masked_whiten(adv, mask, sum_over_ranks=sum_over_ranks)
     return adv, returns
 
 
 @torch.no_grad()
 def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: float, amp,
-                    sampled_logp: torch.Tensor | None = None) -> tuple[Experience, dict]:
+                    sampled_logp: torch.Tensor | None = None, dist: DistInfo | None = None) -> tuple[Experience, dict]:
     """Old / reference log-probs and values in one no-grad pass each (under the loss's autocast, so the
     first ratio is 1); per-token KL; advantages. `sampled_logp` (N, R): the sampler's log-probs, used as the
-    old log-probs instead of a policy pass (module doc, step 3)."""
+    old log-probs instead of a policy pass (module doc, step 3). With `dist` over several processes, the
+    whitening and the returned stats are over every rank's rows."""
+    several = dist is not None and dist.distributed
     seqs, attn, pos, p = batch.sequences, batch.attention_mask, batch.position_ids(), batch.prompt_width
     mask, temp = batch.response_mask.bool(), cfg.rollout.temperature  # (N, R)
     cast = torch.autocast(seqs.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
@@ -255,7 +289,7 @@ def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: floa
                 ref_logp = response_logprobs(base, seqs, attn, pos, p, temp)
         values = response_values(models.critic, seqs, attn, pos, p) if models.critic is not None else None
     kl = masked_kl(old_logp, ref_logp, mask, cfg.kl_estimator)  # (N, R)
-    adv, returns = advantages_for(cfg, scores, kl, values, mask, kl_coef)
+    adv, returns = advantages_for(cfg, scores, kl, values, mask, kl_coef, all_reduce_sum if several else None)
     zero = torch.zeros_like(old_logp)
     non_score = (-kl_coef * kl).sum(1)  # (N,)
     stats = {
@@ -263,8 +297,8 @@ def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: floa
         "objective/entropy": float(torch.where(mask, -old_logp, zero).sum(1).mean()),
         "objective/non_score_reward": float(non_score.mean()),
         "objective/rlhf_reward": float((scores + non_score).mean()),
-        "objective/kl_coef": kl_coef,
     }
+    stats = {**(mean_over_ranks(stats, dist) if several else stats), "objective/kl_coef": kl_coef}
     exp = Experience(seqs, attn, pos, p, mask, old_logp, ref_logp, adv, values, returns)
     return exp, stats
 
@@ -280,11 +314,16 @@ def prompt_indices(n: int, per_iteration: int, cfg: PPOConfig, iteration: int) -
     return out
 
 
-def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: int, generator, task):
-    """Sample a rollout batch and score it (module doc, steps 1-2). Returns (batch, scores (N,), texts, stats)."""
-    k = cfg.rollout.samples_per_prompt
+def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: int, generator, task,
+                      dist: DistInfo | None = None):
+    """Sample a rollout batch and score it (module doc, steps 1-2). Returns (batch, scores (N,), texts, stats).
+    With `dist` over several processes: this rank's share of the batch, and stats over all of it."""
+    k, rank, world = cfg.rollout.samples_per_prompt, (dist.rank if dist else 0), (dist.world_size if dist else 1)
     chosen = prompt_indices(len(prompts.ids), cfg.rollout.batch_size // k, cfg, iteration)
-    batch = sampler.generate([prompts.ids[i] for i in chosen], num_samples=k, generator=generator)
+    share = len(chosen) // world
+    chosen = chosen[rank * share: (rank + 1) * share]
+    batch = sampler.generate([prompts.ids[i] for i in chosen], num_samples=k, generator=generator,
+                             row_offset=rank * share * k, total_rows=cfg.rollout.batch_size)
     texts = batch.texts(tok)
     messages = [prompts.messages[chosen[i]] for i in batch.prompt_index.tolist()]
     scores = reward(messages, texts).float()  # (N,), clipped by the source when reward.clip > 0
@@ -294,8 +333,11 @@ def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: in
     if task is not None:
         gold = task.verify_batch([prompt_text(m) for m in messages], texts)
         stats["objective/gold"] = sum(gold) / len(gold)
-    if cfg.whiten_rewards and scores.numel() >= 2:
-        scores = masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False)
+    if world > 1:
+        stats = mean_over_ranks(stats, dist, summed=("val/num_eos_tokens",))
+    if cfg.whiten_rewards and cfg.rollout.batch_size >= 2:
+        scores = masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False,
+                               sum_over_ranks=all_reduce_sum if world > 1 else None)
     samples = [{"prompt": prompt_text(messages[i]), "completion": texts[i], "score": float(scores[i])} for i in range(min(2, len(texts)))]
     return batch, scores, samples, stats
 
@@ -323,11 +365,12 @@ def ppo_loss_fn(cfg: PPOConfig, kl_coef: float):
 def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, scheduler, kl_coef, generator) -> dict:
     """ppo_epochs passes over shuffled minibatches; one train_step (+ reference EMA) per minibatch."""
     loss_fn, amp = ppo_loss_fn(cfg, kl_coef), autocast_dtype(cfg, run.device)
-    n, sums, steps = exp.mask.shape[0], {}, 0
+    n, sums, steps = exp.mask.shape[0], {}, 0  # this rank's rows
+    per_rank = cfg.mini_batch_size // run.dist.world_size  # each optimizer step: mini_batch_size rows over all ranks
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator)
-        for start in range(0, n, cfg.mini_batch_size):
-            rows = order[start: start + cfg.mini_batch_size]
+        for start in range(0, n, per_rank):
+            rows = order[start: start + per_rank]
             micro = [exp.rows(rows[i: i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
             metrics = train_step(trainable, micro, loss_fn, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
                                  dist=run.dist, count_fn=lambda m: int(m.mask.sum()), autocast_dtype=amp)
@@ -345,14 +388,22 @@ def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, 
 
 
 @torch.no_grad()
-def evaluate(cfg, sampler, tok, task, held_out: Prompts, iteration: int) -> dict:
-    """Held-out gold accuracy of greedy decoding, and of sampling at the training temperature."""
-    questions = [prompt_text(m) for m in held_out.messages]
-    greedy = sampler.generate(held_out.ids, greedy=True).texts(tok)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * iteration + 1)
-    sampled = sampler.generate(held_out.ids, generator=generator).texts(tok)
-    gold_g, gold_s = task.verify_batch(questions, greedy), task.verify_batch(questions, sampled)
-    return {"eval/gold_accuracy": sum(gold_g) / len(gold_g), "eval/sampled_accuracy": sum(gold_s) / len(gold_s)}
+def evaluate(cfg, sampler, tok, task, held_out: Prompts, iteration: int, dist: DistInfo | None = None) -> dict:
+    """Held-out gold accuracy of greedy decoding, and of sampling at the training temperature. Over several
+    processes each rank answers a contiguous share of the prompts (the same samples as one process)."""
+    n, rank, world = len(held_out.ids), (dist.rank if dist else 0), (dist.world_size if dist else 1)
+    share = -(-n // world)
+    lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+    correct = [0.0, 0.0]
+    if hi > lo:
+        ids, questions = held_out.ids[lo:hi], [prompt_text(m) for m in held_out.messages[lo:hi]]
+        greedy = sampler.generate(ids, greedy=True).texts(tok)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * iteration + 1)
+        sampled = sampler.generate(ids, generator=generator, row_offset=lo, total_rows=n).texts(tok)
+        correct = [float(sum(task.verify_batch(questions, greedy))), float(sum(task.verify_batch(questions, sampled)))]
+    if world > 1:
+        correct = all_reduce_sum(torch.tensor(correct, dtype=torch.float64, device=dist.device)).tolist()
+    return {"eval/gold_accuracy": correct[0] / n, "eval/sampled_accuracy": correct[1] / n}
 
 
 # --------------------------------------------------------------------------- recipe
@@ -398,8 +449,7 @@ def save_final(run, cfg: PPOConfig, models: Models, tok) -> None:
 def main(cfg: PPOConfig) -> dict:
     check_config(cfg)
     run = setup_run(cfg, "ppo")
-    if run.dist.world_size > 1:
-        raise ConfigError("posttrain ppo runs on one process; launch it without torchrun / --nproc")
+    check_world(cfg, run.dist.world_size)
     device, amp = run.device, autocast_dtype(cfg, run.device)
     tok = load_tokenizer(cfg.model, cfg.data.chat_template)
     prompts, task, held_out = load_inputs(cfg, tok)
@@ -407,8 +457,10 @@ def main(cfg: PPOConfig) -> dict:
     reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
     sampler = Sampler(models.policy, tok, cfg.rollout)
 
-    trainable = nn.ModuleDict({"policy": models.policy, **({"critic": models.critic} if models.critic is not None else {})})
-    state = nn.ModuleDict({**trainable, **({"ref": models.ref} if cfg.ref_ema > 0 else {})})  # what a checkpoint holds
+    learners = {"policy": models.policy, **({"critic": models.critic} if models.critic is not None else {})}
+    state = nn.ModuleDict({**learners, **({"ref": models.ref} if cfg.ref_ema > 0 else {})})  # what a checkpoint holds
+    # each one DistributedDataParallel over several processes (as is, on one); the sampler uses the bare policy
+    trainable = nn.ModuleDict({name: wrap_model(m, run.dist) for name, m in learners.items()})
     optimizer = build_ppo_optimizer(cfg, models)
     n_iterations = cfg.total_episodes // cfg.rollout.batch_size
     steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.rollout.batch_size / cfg.mini_batch_size)
@@ -423,7 +475,7 @@ def main(cfg: PPOConfig) -> dict:
         iteration, kl_ctl.value = int(saved["step"]), float(saved["kl_coef"])
         print(f"resumed from {resume_from} at iteration {iteration}", flush=True)
     elif task is not None:
-        run.logger.log({**evaluate(cfg, sampler, tok, task, held_out, 0), "episodes": 0}, step=0)
+        run.logger.log({**evaluate(cfg, sampler, tok, task, held_out, 0, run.dist), "episodes": 0}, step=0)
 
     progress = Progress(n_iterations, desc="ppo", enabled=run.dist.is_main and cfg.logging.progress, initial=iteration)
     loop_start, first_iteration, tokens = time.perf_counter(), iteration, 0
@@ -432,10 +484,11 @@ def main(cfg: PPOConfig) -> dict:
             # one generator per iteration for sampling and minibatch order: a resumed run draws the same
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
             t0 = time.perf_counter()
-            batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration, generator, task)
+            batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration, generator, task,
+                                                              run.dist)
             batch = batch.to(device)
             exp, exp_stats = make_experience(cfg, models, batch, scores.to(device), kl_ctl.value, amp,
-                                             sampled_logp=batch.logprobs if amp is None else None)
+                                             sampled_logp=batch.logprobs if amp is None else None, dist=run.dist)
             t1 = time.perf_counter()
             tokens += int(batch.attention_mask.sum())
             train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator)
@@ -444,7 +497,7 @@ def main(cfg: PPOConfig) -> dict:
             metrics = {**stats, **exp_stats, **train_stats, "rollout/seconds": t1 - t0,
                        "train/seconds": time.perf_counter() - t1, "episodes": iteration * cfg.rollout.batch_size}
             if task is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or iteration == n_iterations):
-                metrics.update(evaluate(cfg, sampler, tok, task, held_out, iteration))
+                metrics.update(evaluate(cfg, sampler, tok, task, held_out, iteration, run.dist))
             record = log_iteration(run, cfg, iteration, iteration == n_iterations, metrics, samples, progress)
             stopping = stop.should_stop(run.dist)
             if (cfg.save.steps and iteration % cfg.save.steps == 0 and iteration < n_iterations) or stopping:
@@ -454,9 +507,11 @@ def main(cfg: PPOConfig) -> dict:
                 progress.write(f"{stop.name or 'signal'}: saved checkpoint at iteration {iteration}; resume with resume=auto")
                 run.close()
                 return {"iteration": iteration, "stopped": True, **record}
-    write_bench_json(steps=iteration - first_iteration, tokens=tokens, wall_s=time.perf_counter() - loop_start,
-                     final_loss=record.get("loss/policy_avg"), params=sum(p.numel() for p in models.policy.parameters()),
-                     units=(iteration - first_iteration) * cfg.rollout.batch_size, unit="episodes")
+    tokens = int(all_reduce_sum(torch.tensor(tokens, dtype=torch.float64, device=device)).item())
+    if run.dist.is_main:
+        write_bench_json(steps=iteration - first_iteration, tokens=tokens, wall_s=time.perf_counter() - loop_start,
+                         final_loss=record.get("loss/policy_avg"), params=sum(p.numel() for p in models.policy.parameters()),
+                         units=(iteration - first_iteration) * cfg.rollout.batch_size, unit="episodes")
     if run.dist.is_main:
         save_final(run, cfg, models, tok)
     run.close()

@@ -17,7 +17,10 @@ step from the cache), with three details that matter for RL on language models
 Randomness: each step draws one uniform per row of the *full* chunk (finished rows included)
 and samples by inverting the row's CDF. A row's tokens therefore depend only on the
 generator's state and on that row, never on which other rows are still running, which is
-what makes dropping finished rows give exactly the samples of keeping them.
+what makes dropping finished rows give exactly the samples of keeping them. Under several processes,
+every rank draws the uniforms of the whole batch from the same generator and reads its own rows' slice
+(``row_offset``, ``total_rows``): a rank's rows get the very numbers one process sampling the whole
+batch would give them, so a rollout split over ranks is the one-process rollout (one generation chunk).
 """
 
 from __future__ import annotations
@@ -185,12 +188,20 @@ class Sampler:
         num_samples: int = 1,
         greedy: bool = False,
         generator: torch.Generator | None = None,
+        row_offset: int = 0,
+        total_rows: int | None = None,
     ) -> RolloutBatch:
-        """Sample ``num_samples`` responses per prompt; rows are prompt-major (row i answers prompt i // num_samples)."""
+        """Sample ``num_samples`` responses per prompt; rows are prompt-major (row i answers prompt i // num_samples).
+
+        ``row_offset`` / ``total_rows``: these rows are rows row_offset.. of a batch of ``total_rows`` that other
+        processes sample the rest of; each step draws ``total_rows`` uniforms and uses this slice (module doc)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         greedy = greedy or self.cfg.temperature <= 0
         prompt_index = [i for i in range(len(prompts)) for _ in range(num_samples)]
+        total_rows = len(prompt_index) if total_rows is None else total_rows
+        if row_offset < 0 or row_offset + len(prompt_index) > total_rows:
+            raise ValueError(f"rows {row_offset}..{row_offset + len(prompt_index)} do not fit in total_rows={total_rows}")
         chunk = self.cfg.generation_batch_size if self.cfg.generation_batch_size > 0 else len(prompt_index)
         responses: list[list[int]] = []
         logprobs: list[torch.Tensor] = []
@@ -202,7 +213,8 @@ class Sampler:
             with torch.inference_mode():
                 for start in range(0, len(prompt_index), chunk):
                     rows = [prompts[i] for i in prompt_index[start:start + chunk]]
-                    r, lp = self._generate_chunk(rows, greedy=greedy, generator=generator)
+                    draw = (row_offset + start, total_rows) if total_rows > len(prompt_index) else None
+                    r, lp = self._generate_chunk(rows, greedy=greedy, generator=generator, draw=draw)
                     responses += r
                     logprobs += list(lp)
         finally:
@@ -228,7 +240,9 @@ class Sampler:
             return lambda attn: attn.bool()[:, None, None, :]  # (A, 1, 1, L)
         return lambda attn: attn
 
-    def _generate_chunk(self, rows: list[list[int]], *, greedy: bool, generator) -> tuple[list[list[int]], torch.Tensor]:
+    def _generate_chunk(self, rows: list[list[int]], *, greedy: bool, generator,
+                        draw: tuple[int, int] | None = None) -> tuple[list[list[int]], torch.Tensor]:
+        """One chunk's responses and log-probs. `draw` = (offset, total): take uniforms offset.. of `total` a step."""
         cfg, device = self.cfg, self._device
         b, p = len(rows), max(len(x) for x in rows)
         input_ids = torch.full((b, p), self.pad_id, dtype=torch.long, device=device)
@@ -257,7 +271,10 @@ class Sampler:
                 nxt = scaled.argmax(-1)  # (A,)
             else:
                 # one uniform per row of the whole chunk: a row's draw never depends on the others
-                u = torch.rand(b, generator=generator, device=generator.device if generator is not None else device)
+                u = torch.rand(b if draw is None else draw[1], generator=generator,
+                               device=generator.device if generator is not None else device)
+                if draw is not None:
+                    u = u[draw[0]: draw[0] + b]  # (B,) this process's rows of the whole batch
                 probs = filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(-1)
                 nxt = sample_from_probs(probs, u.to(device)[active])
             step_lp = torch.log_softmax(scaled, -1).gather(-1, nxt[:, None]).squeeze(-1)  # (A,)
