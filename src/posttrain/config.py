@@ -124,6 +124,8 @@ class TrainConfig:
     max_steps: int = opt(0, "optimizer steps; wins over num_epochs when > 0")
     dtype: str = opt("auto", "auto (bf16 on a GPU that supports it, else float32), float32, bfloat16, float16")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    strategy: str = opt("ddp", "several processes: ddp (each rank holds the whole model) or fsdp (FSDP2: weights, "
+                        "gradients and optimizer state sharded over the ranks)")
     resume: str = opt("auto", "auto (latest checkpoint in output_dir), a checkpoint path, or false")
     data: DataConfig = sub(DataConfig, "data sources and format")
     lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")

@@ -144,3 +144,31 @@ def test_two_processes_equal_one(tiny_model, arith_dir, tmp_path):
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_with_lora_is_refused_by_name(tiny_model, arith_dir, tmp_path, capsys):
+    assert main(sft_args(tiny_model, arith_dir, tmp_path / "x", "strategy=fsdp", "lora.r=4")) == 2
+    assert "`strategy: fsdp` with LoRA" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one_and_resume(tiny_model, arith_dir, tmp_path):
+    """strategy=fsdp (FSDP2 over 2 gloo ranks x batch 4: each rank holds half of every parameter and of the Adam
+    state) == 1 process x batch 8; the final folder is the gathered model, tied weights stored once. A run resumed
+    from the sharded run's step-2 checkpoint (model, optimizer, data position gathered and re-sharded) ends on the
+    same weights."""
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    common = ["max_steps=4", "data.eval_split=0", "dtype=float32"]
+    assert main(sft_args(tiny_model, arith_dir, one, *common, "batch_size=8")) == 0
+    fsdp = [*common, "batch_size=4", "strategy=fsdp", "save.steps=2", "save.keep=2"]
+    for out, extra in ((two, []), (resumed, [f"resume={two / 'checkpoints' / 'step-2'}"])):
+        proc = _run_cli(sft_args(tiny_model, arith_dir, out, *fsdp, *extra) + ["--nproc", "2"])
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log
+    assert f"resumed from {two / 'checkpoints' / 'step-2'} at step 2" in log
+    a, b, c = (load_file(d / "final" / "model.safetensors") for d in (one, two, resumed))
+    assert a.keys() == b.keys() == c.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[k], c[k], rtol=0, atol=1e-6)
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl") if "loss" in r] == [4]  # steps 3-4 only

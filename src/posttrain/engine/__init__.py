@@ -5,7 +5,7 @@ torch.distributed (DDP / FSDP2, gloo on CPU), atomic checkpoints and resume, sto
 metrics logging and progress.
 """
 
-from posttrain.engine.checkpoint import Checkpointer, list_checkpoints, load_checkpoint, resolve_resume
+from posttrain.engine.checkpoint import Checkpointer, full_model_state, list_checkpoints, load_checkpoint, resolve_resume
 from posttrain.engine.dist import (
     DistInfo,
     all_reduce_max,
@@ -39,6 +39,7 @@ __all__ = [
     "build_scheduler",
     "ema_update",
     "format_metrics",
+    "full_model_state",
     "init_distributed",
     "list_checkpoints",
     "load_checkpoint",

@@ -87,6 +87,18 @@ def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tu
     return model_sd, optim_sd
 
 
+def full_model_state(model: nn.Module) -> dict | None:
+    """The whole model's state dict gathered from its FSDP2 shards (a collective: call it on every rank), or None
+    for a model that is not sharded (its own state dict is whole). A tied parameter (lm_head = embeddings) is kept
+    under its first name only, as `save_pretrained` stores it."""
+    state = _full_state(model, None)[0]
+    if state is None:
+        return None
+    first = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {k: v for k, v in state.items() if k not in tied}
+
+
 def _write_model(model: nn.Module, folder: Path, state_dict: dict | None) -> None:
     inner = unwrap(model)
     if hasattr(inner, "save_pretrained"):

@@ -115,8 +115,6 @@ def wrap_model(model: nn.Module, dist: DistInfo, strategy: str = "ddp") -> nn.Mo
     if not dist.distributed:
         return model
     if strategy == "fsdp":
-        if dist.device.type != "cuda":
-            raise ValueError("strategy 'fsdp' needs CUDA; use 'ddp' on CPU (gloo)")
         from torch.distributed.fsdp import fully_shard
 
         for block in _blocks(model):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.config import save_config, to_dict
+from posttrain.config import ConfigError, save_config, to_dict
 from posttrain.engine.checkpoint import Checkpointer
 from posttrain.engine.dist import DistInfo, barrier, destroy, init_distributed
 from posttrain.engine.logging import MetricsLogger
@@ -62,6 +62,15 @@ class RunContext:
 def setup_run(cfg: Any, command: str) -> RunContext:
     """Join the process group, seed everything from ``cfg.seed``, create ``cfg.output_dir``,
     write the resolved ``config.yaml`` (rank 0) and open the metrics logger."""
+    if getattr(cfg, "strategy", "ddp") not in ("ddp", "fsdp"):
+        raise ConfigError(f"`strategy` must be ddp or fsdp, got {cfg.strategy!r}")
+    if getattr(cfg, "strategy", "ddp") == "fsdp":
+        if command in ("ppo", "online-dpo"):
+            raise ConfigError(f"`strategy: fsdp` is for sft, rm and dpo: {command} samples from the policy on each rank "
+                              "on its own, which needs the whole model there; use ddp")
+        if cfg.lora.r > 0:
+            raise ConfigError("`strategy: fsdp` with LoRA is not supported: the adapter is small, use ddp (the frozen "
+                              "base is not sharded either way)")
     dist = init_distributed()
     seed_everything(int(getattr(cfg, "seed", 0)))
     output_dir = Path(cfg.output_dir)

@@ -138,8 +138,8 @@ def apply_freeze(model: nn.Module, freeze_cfg: FreezeConfig) -> nn.Module:
     return model
 
 
-def _write(model: nn.Module, tokenizer, folder: Path, merge_lora: bool) -> None:
-    model.save_pretrained(str(folder), safe_serialization=True)
+def _write(model: nn.Module, tokenizer, folder: Path, merge_lora: bool, state_dict: dict | None = None) -> None:
+    model.save_pretrained(str(folder), safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     if merge_lora and is_peft_model(model):
@@ -157,12 +157,14 @@ def save_pretrained_atomic(
     out_dir: str | Path,
     merge_lora: bool = False,
     extra: Callable[[Path], None] | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Write a loadable HF folder to `out_dir` so that a crash never leaves a half-written one.
 
     Everything goes to a temporary sibling folder first (weights, tokenizer, the merged model
     under `merged/` with `merge_lora` and LoRA, then whatever `extra(tmp_dir)` writes); only a
-    complete folder is renamed onto `out_dir`. An existing `out_dir` is replaced.
+    complete folder is renamed onto `out_dir`. An existing `out_dir` is replaced. `state_dict`: the weights to
+    write instead of the model's own (an FSDP2-sharded model's gathered `engine.full_model_state`).
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +173,7 @@ def save_pretrained_atomic(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write(model, tokenizer, tmp, merge_lora)
+        _write(model, tokenizer, tmp, merge_lora, state_dict)
         if extra is not None:
             extra(tmp)
         if out.exists():

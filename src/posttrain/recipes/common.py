@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from posttrain.data import DataStats, label_maps, load_examples, tokenize_examples, train_eval_split
-from posttrain.engine import RunContext, build_optimizer, build_scheduler, unwrap, wrap_model
+from posttrain.engine import RunContext, build_optimizer, build_scheduler, full_model_state, unwrap, wrap_model
 from posttrain.engine import total_steps_for
 from posttrain.errors import DataError
 from posttrain.models import apply_freeze, apply_lora, count_parameters, save_pretrained_atomic
@@ -62,7 +62,7 @@ def prepare_trainable(cfg: Any, run: RunContext, model: nn.Module, *, task_type:
     if run.dist.is_main:
         print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
               f"({100 * trainable / max(total, 1):.1f}%)", flush=True)
-    model = wrap_model(model, run.dist)  # before the optimizer: FSDP2 replaces the parameters
+    model = wrap_model(model, run.dist, cfg.strategy)  # before the optimizer: FSDP2 replaces the parameters
     optimizer = build_optimizer(model, cfg)
     n_steps = total_steps_for(n_items, cfg, run.dist.world_size)
     scheduler = build_scheduler(optimizer, cfg, n_steps)
@@ -71,7 +71,9 @@ def prepare_trainable(cfg: Any, run: RunContext, model: nn.Module, *, task_type:
 
 def save_final(run: RunContext, cfg: Any, model: nn.Module, tok: Any) -> None:
     """`final/`: the trained model as a loadable HF folder (an adapter, plus `merged/` with `save.merge_lora`),
-    written atomically by rank 0."""
+    written atomically by rank 0 (the weights of an FSDP2-sharded model are gathered first, on every rank)."""
+    state = full_model_state(model)
     if run.dist.is_main:
-        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
+        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
+                                     state_dict=state)
         print(f"saved {out}", flush=True)

@@ -267,7 +267,7 @@ def main(cfg: OnlineDPOConfig) -> dict:
         if is_main:
             print(f"resumed from {resume_from}: round {start - 1} done, step {step}", flush=True)
     initial = initial_reference(cfg, model, load)
-    model = wrap_model(model, run.dist)
+    model = wrap_model(model, run.dist, cfg.strategy)
     sampler = Sampler(unwrap(model), tok, cfg.rollout)
     record: dict = {}
     if task is not None and start == 1:

@@ -460,7 +460,7 @@ def main(cfg: PPOConfig) -> dict:
     learners = {"policy": models.policy, **({"critic": models.critic} if models.critic is not None else {})}
     state = nn.ModuleDict({**learners, **({"ref": models.ref} if cfg.ref_ema > 0 else {})})  # what a checkpoint holds
     # each one DistributedDataParallel over several processes (as is, on one); the sampler uses the bare policy
-    trainable = nn.ModuleDict({name: wrap_model(m, run.dist) for name, m in learners.items()})
+    trainable = nn.ModuleDict({name: wrap_model(m, run.dist, cfg.strategy) for name, m in learners.items()})
     optimizer = build_ppo_optimizer(cfg, models)
     n_iterations = cfg.total_episodes // cfg.rollout.batch_size
     steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.rollout.batch_size / cfg.mini_batch_size)

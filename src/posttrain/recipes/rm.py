@@ -44,7 +44,7 @@ import torch
 from posttrain.config import RMConfig
 from posttrain.data import (PairBatch, RankingBatch, SharedPromptPairs, collate_pairs, collate_prompts,
                             collate_rankings, collate_shared_pairs)
-from posttrain.engine import setup_run, unwrap
+from posttrain.engine import full_model_state, setup_run, unwrap
 from posttrain.engine.loop import fit
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import (load_sequence_classifier, load_tokenizer, save_pretrained_atomic, sequence_scores,
@@ -189,8 +189,10 @@ def main(cfg: RMConfig) -> dict:
             base_model(model).config.posttrain_reward_scale = scale
             norm = {"normalize/bias": bias, "normalize/scale": scale}
             run.logger.log(norm, step=result.step)
+        state = full_model_state(model)  # FSDP2: gathered from the shards on every rank; else None
         if run.dist.is_main:
-            out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
+            out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
+                                         state_dict=state)
             print(f"saved {out}" + (f" (reward bias {norm['normalize/bias']:.4g}, scale {norm['normalize/scale']:.4g})"
                                     if norm else ""), flush=True)
     run.close()
