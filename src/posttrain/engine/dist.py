@@ -60,20 +60,28 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_main=rank == 0)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over all ranks (a new tensor; ``t`` itself is left alone)."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """A new tensor: ``t`` reduced over all ranks, on ``t``'s device. NCCL reduces CUDA tensors only, so a CPU
+    tensor (a score, a count) makes the trip through the current GPU there."""
     out = t.detach().clone()
-    if _active():
-        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    if not _active():
+        return out
+    if torch_dist.get_backend() == "nccl" and out.device.type != "cuda":
+        on_gpu = out.to(torch.device("cuda", torch.cuda.current_device()))
+        torch_dist.all_reduce(on_gpu, op=op)
+        return on_gpu.to(out.device)
+    torch_dist.all_reduce(out, op=op)
     return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over all ranks (a new tensor on ``t``'s device; ``t`` itself is left alone)."""
+    return _all_reduce(t, torch_dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """Maximum of ``t`` over all ranks (a new tensor)."""
-    out = t.detach().clone()
-    if _active():
-        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX)
-    return out
+    """Maximum of ``t`` over all ranks (a new tensor on ``t``'s device)."""
+    return _all_reduce(t, torch_dist.ReduceOp.MAX)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
