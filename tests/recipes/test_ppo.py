@@ -227,7 +227,8 @@ def test_two_processes_equal_one(tiny_model, arith_dir, tmp_path):
     critic, reward and advantage whitening over the whole batch, an adaptive KL, 2 PPO epochs of one optimizer step
     over all 8 rows (micro-batches of 2 on each rank), a held-out eval split over the ranks. Each rank samples its
     4 rows with the one-process run's uniforms, so the samples, the logged batch statistics and the final policy
-    and critic weights agree up to float32 rounding."""
+    and critic weights agree up to float32 rounding. The 2-process run resumed from its iteration-1 checkpoint ends
+    on its weights bit for bit."""
     (tmp_path / "r.py").write_text("def reward(prompts, completions):\n    return [len(c) / 10 for c in completions]\n")
     extra = ["reward.task=", f"reward.function={tmp_path / 'r.py'}:reward",
              "rollout.samples_per_prompt=2", "mini_batch_size=8", "ppo_epochs=2", "critic_init=policy",
@@ -236,9 +237,12 @@ def test_two_processes_equal_one(tiny_model, arith_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(ppo_args(tiny_model, arith_dir, one, *extra)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "posttrain", *ppo_args(tiny_model, arith_dir, two, *extra), "--nproc", "2"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    for out, more in ((two, ["save.steps=1"]), (resumed, [f"resume={two / 'checkpoints' / 'step-1'}"])):
+        proc = subprocess.run([sys.executable, "-m", "posttrain", *ppo_args(tiny_model, arith_dir, out, *extra, *more),
+                               "--nproc", "2"], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("resumed from") == 1  # rank 0 says it
     rows1, rows2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [0, 1, 2]
     assert len({r["objective/scores"] for r in rows1[1:]}) > 1  # varied rewards: whitening has work to do
@@ -257,3 +261,6 @@ def test_two_processes_equal_one(tiny_model, arith_dir, tmp_path):
         for k in a:  # Adam divides by |g|: the few weights whose gradient is at rounding level may move differently
             diff = (a[k] - b[k]).abs()
             assert (diff > 1e-5).double().mean() < 1e-3 and diff.mean() < 1e-7, k
+        # the 2-process run resumed from its iteration-1 checkpoint (policy, critic, optimizer, KL state on each rank)
+        c = load_file(resumed / "final" / part)
+        assert c.keys() == b.keys() and all(torch.equal(b[k], c[k]) for k in b)

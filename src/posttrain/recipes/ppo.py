@@ -473,7 +473,8 @@ def main(cfg: PPOConfig) -> dict:
     if resume_from is not None:
         saved = run.checkpointer.load(resume_from, model=state, optimizer=optimizer, scheduler=scheduler)
         iteration, kl_ctl.value = int(saved["step"]), float(saved["kl_coef"])
-        print(f"resumed from {resume_from} at iteration {iteration}", flush=True)
+        if run.dist.is_main:
+            print(f"resumed from {resume_from} at iteration {iteration}", flush=True)
     elif task is not None:
         run.logger.log({**evaluate(cfg, sampler, tok, task, held_out, 0, run.dist), "episodes": 0}, step=0)
 
