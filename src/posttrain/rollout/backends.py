@@ -17,7 +17,8 @@ from posttrain.rollout.sampler import RolloutBatch, Sampler, assemble_batch
 
 class GenerationBackend(Protocol):
     def generate(self, prompts: list[list[int]], *, num_samples: int = 1, greedy: bool = False,
-                 generator: torch.Generator | None = None) -> RolloutBatch: ...
+                 generator: torch.Generator | None = None, row_offset: int = 0,
+                 total_rows: int | None = None) -> RolloutBatch: ...
 
     def sync_weights(self, model) -> None: ...
 
@@ -64,8 +65,10 @@ class VLLMBackend:
         )
 
     def generate(self, prompts: list[list[int]], *, num_samples: int = 1, greedy: bool = False,
-                 generator: torch.Generator | None = None) -> RolloutBatch:
-        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else None
+                 generator: torch.Generator | None = None, row_offset: int = 0,
+                 total_rows: int | None = None) -> RolloutBatch:
+        """As `Sampler.generate`; `row_offset` only varies the seed (vLLM draws are not reproducible per row)."""
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) + row_offset if generator is not None else None
         params = self.sampling_params(num_samples=num_samples, greedy=greedy, seed=seed)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         responses, logprobs, index = [], [], []
