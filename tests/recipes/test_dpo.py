@@ -13,6 +13,7 @@ from posttrain.data import collate_pairs, collate_shared_pairs
 from posttrain.engine import read_metrics
 from posttrain.models import apply_lora, load_causal_lm, load_tokenizer, token_logprobs
 from posttrain.recipes.dpo import adapter_free_reference, cache_reference, completion_logps, frozen_reference
+from tests.recipes.multiproc import assert_same_trained_weights, run_two_processes
 
 
 def dpo_args(model, train, out, *extra, evals=None):
@@ -215,29 +216,15 @@ def test_bad_config_names_the_key(tiny_model, prefs_small, tmp_path, capsys, bad
 def test_two_processes_equal_one(tiny_model, prefs_small, tmp_path, strategy):
     """2 gloo ranks x 4 pairs == 1 process x 8 pairs a step, with the cached reference and a held-out eval: the
     same per-step losses and metrics, the same final weights (DDP, and FSDP2 with the weights sharded)."""
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
     common = ["max_steps=3", "dtype=float32", "learning_rate=1e-3", "beta=0.5"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(dpo_args(tiny_model, prefs_small / "train.jsonl", one, *common, evals=prefs_small / "eval.jsonl")) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = dpo_args(tiny_model, prefs_small / "train.jsonl", two, *common, "batch_size=4", f"strategy={strategy}",
-                    evals=prefs_small / "eval.jsonl")
-    proc = subprocess.run([sys.executable, "-m", "posttrain", *args, "--nproc", "2"], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes(dpo_args(tiny_model, prefs_small / "train.jsonl", two, *common, "batch_size=4",
+                               f"strategy={strategy}", evals=prefs_small / "eval.jsonl"))
     rows1, rows2 = ([r for r in read_metrics(d / "metrics.jsonl") if "loss" in r] for d in (one, two))
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2] and len(rows1) >= 3
     for a, b in zip(rows1, rows2):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
-    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:  # Adam divides by |g|: the few weights whose gradient is at rounding level may move differently
-        diff = (a[k] - b[k]).abs()
-        assert (diff > 1e-5).double().mean() < 1e-3 and diff.mean() < 1e-7, k
+    assert_same_trained_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
