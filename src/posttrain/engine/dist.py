@@ -74,6 +74,14 @@ def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     return out
 
 
+def contiguous_share(n: int, dist: DistInfo | None) -> tuple[int, int]:
+    """[lo, hi): this rank's contiguous share of n items, ceil(n / world) each (the last ranks may get fewer or none);
+    the whole range without a process group. Rank-major shares keep the items' order when gathered."""
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    size = -(-n // world)
+    return min(n, rank * size), min(n, (rank + 1) * size)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over all ranks (a new tensor on ``t``'s device; ``t`` itself is left alone)."""
     return _all_reduce(t, torch_dist.ReduceOp.SUM)

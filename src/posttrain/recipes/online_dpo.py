@@ -49,7 +49,7 @@ import torch
 
 from posttrain.config import ConfigError, OnlineDPOConfig
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
-from posttrain.engine import (Checkpointer, all_reduce_sum, build_optimizer, build_scheduler, load_checkpoint,
+from posttrain.engine import (Checkpointer, all_reduce_sum, build_optimizer, contiguous_share, build_scheduler, load_checkpoint,
                               resolve_resume, setup_run, total_steps_for, unwrap, wrap_model)
 from posttrain.engine.loop import fit
 from posttrain.models import apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, save_pretrained_atomic
@@ -101,19 +101,12 @@ def round_prompts(prompts: list[dict], cfg: OnlineDPOConfig, r: int) -> list[dic
 # --------------------------------------------------------------------------- sample, score, pair
 
 
-def share(n: int, dist) -> tuple[int, int]:
-    """[lo, hi): this rank's contiguous share of n items (ceil(n / world) each; the last ranks may get fewer)."""
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    size = -(-n // world)
-    return min(n, rank * size), min(n, (rank + 1) * size)
-
-
 def sample_pairs(sampler: Sampler, tok, reward, prompts: list[dict], k: int, generator, dist=None) -> tuple[list[dict], dict]:
     """Best-vs-worst preference items (token ids) from k scored samples per prompt, and the round's sample stats.
 
-    With `dist` over several processes: the items of this rank's share of `prompts` (`share`), sampled as one
-    process would sample those rows; the stats are over every rank's samples."""
-    lo, hi = share(len(prompts), dist)
+    With `dist` over several processes: the items of this rank's share of `prompts` (`contiguous_share`), sampled as
+    one process would sample those rows; the stats are over every rank's samples."""
+    lo, hi = contiguous_share(len(prompts), dist)
     totals = torch.zeros(7, dtype=torch.float64)  # sum score, samples, sum of best scores, prompts, eos, tokens, pairs
     pairs = []
     if hi > lo:
@@ -158,8 +151,8 @@ def gather_pairs(pairs: list[dict], dist) -> list[dict]:
 
 
 def gold_reward(sampler: Sampler, tok, task, prompts: list[dict], dist=None) -> float:
-    """Mean verifier score of greedy completions of the held-out prompts (each rank answers its `share`)."""
-    lo, hi = share(len(prompts), dist)
+    """Mean verifier score of greedy completions of the held-out prompts (each rank answers its contiguous share)."""
+    lo, hi = contiguous_share(len(prompts), dist)
     total = 0.0
     if hi > lo:
         rollout = sampler.generate([p["input_ids"] for p in prompts[lo:hi]], greedy=True)

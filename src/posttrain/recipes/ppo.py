@@ -62,8 +62,8 @@ from torch import nn
 
 from posttrain.config import ConfigError, PPOConfig
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
-from posttrain.engine import (Progress, StopSignal, all_reduce_sum, autocast_dtype, build_scheduler, ema_update, resolve_resume,
-                              setup_run, train_step, wrap_model)
+from posttrain.engine import (Progress, StopSignal, all_reduce_sum, autocast_dtype, build_scheduler, contiguous_share,
+                              ema_update, resolve_resume, setup_run, train_step, wrap_model)
 from posttrain.engine.dist import DistInfo
 from posttrain.engine.logging import write_bench_json
 from posttrain.engine.optim import adamw, param_groups
@@ -318,12 +318,12 @@ def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: in
                       dist: DistInfo | None = None):
     """Sample a rollout batch and score it (module doc, steps 1-2). Returns (batch, scores (N,), texts, stats).
     With `dist` over several processes: this rank's share of the batch, and stats over all of it."""
-    k, rank, world = cfg.rollout.samples_per_prompt, (dist.rank if dist else 0), (dist.world_size if dist else 1)
+    k, several = cfg.rollout.samples_per_prompt, dist is not None and dist.distributed
     chosen = prompt_indices(len(prompts.ids), cfg.rollout.batch_size // k, cfg, iteration)
-    share = len(chosen) // world
-    chosen = chosen[rank * share: (rank + 1) * share]
+    lo, hi = contiguous_share(len(chosen), dist)  # equal shares (`check_world`)
+    chosen = chosen[lo:hi]
     batch = sampler.generate([prompts.ids[i] for i in chosen], num_samples=k, generator=generator,
-                             row_offset=rank * share * k, total_rows=cfg.rollout.batch_size)
+                             row_offset=lo * k, total_rows=cfg.rollout.batch_size)
     texts = batch.texts(tok)
     messages = [prompts.messages[chosen[i]] for i in batch.prompt_index.tolist()]
     scores = reward(messages, texts).float()  # (N,), clipped by the source when reward.clip > 0
@@ -333,11 +333,11 @@ def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: in
     if task is not None:
         gold = task.verify_batch([prompt_text(m) for m in messages], texts)
         stats["objective/gold"] = sum(gold) / len(gold)
-    if world > 1:
+    if several:
         stats = mean_over_ranks(stats, dist, summed=("val/num_eos_tokens",))
     if cfg.whiten_rewards and cfg.rollout.batch_size >= 2:
         scores = masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False,
-                               sum_over_ranks=all_reduce_sum if world > 1 else None)
+                               sum_over_ranks=all_reduce_sum if several else None)
     samples = [{"prompt": prompt_text(messages[i]), "completion": texts[i], "score": float(scores[i])} for i in range(min(2, len(texts)))]
     return batch, scores, samples, stats
 
@@ -391,9 +391,8 @@ def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, 
 def evaluate(cfg, sampler, tok, task, held_out: Prompts, iteration: int, dist: DistInfo | None = None) -> dict:
     """Held-out gold accuracy of greedy decoding, and of sampling at the training temperature. Over several
     processes each rank answers a contiguous share of the prompts (the same samples as one process)."""
-    n, rank, world = len(held_out.ids), (dist.rank if dist else 0), (dist.world_size if dist else 1)
-    share = -(-n // world)
-    lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+    n = len(held_out.ids)
+    lo, hi = contiguous_share(n, dist)
     correct = [0.0, 0.0]
     if hi > lo:
         ids, questions = held_out.ids[lo:hi], [prompt_text(m) for m in held_out.messages[lo:hi]]
@@ -401,7 +400,7 @@ def evaluate(cfg, sampler, tok, task, held_out: Prompts, iteration: int, dist: D
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * iteration + 1)
         sampled = sampler.generate(ids, generator=generator, row_offset=lo, total_rows=n).texts(tok)
         correct = [float(sum(task.verify_batch(questions, greedy))), float(sum(task.verify_batch(questions, sampled)))]
-    if world > 1:
+    if dist is not None and dist.distributed:
         correct = all_reduce_sum(torch.tensor(correct, dtype=torch.float64, device=dist.device)).tolist()
     return {"eval/gold_accuracy": correct[0] / n, "eval/sampled_accuracy": correct[1] / n}
 
