@@ -8,6 +8,7 @@ metrics logging and progress.
 from posttrain.engine.checkpoint import Checkpointer, full_model_state, list_checkpoints, load_checkpoint, resolve_resume
 from posttrain.engine.dist import (
     DistInfo,
+    all_gather_objects,
     all_reduce_max,
     all_reduce_sum,
     barrier,
@@ -31,6 +32,7 @@ __all__ = [
     "Progress",
     "RunContext",
     "StopSignal",
+    "all_gather_objects",
     "all_reduce_max",
     "all_reduce_sum",
     "autocast_dtype",

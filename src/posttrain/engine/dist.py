@@ -101,6 +101,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` with one process."""
+    if not _active():
+        return [obj]
+    parts: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(parts, obj)
+    return parts
+
+
 def barrier() -> None:
     """Wait until every rank gets here."""
     if _active():

@@ -46,7 +46,7 @@ import torch
 from posttrain.config import ConfigError, DPOConfig
 from posttrain.data import PairBatch, SharedPromptPairs, collate_pairs, collate_shared_pairs
 from posttrain.data.collate import shared_pair_length
-from posttrain.engine import setup_run
+from posttrain.engine import all_gather_objects, contiguous_share, setup_run
 from posttrain.engine.loop import fit
 from posttrain.losses.dpo import LOSS_TYPES, dpo_loss
 from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context,
@@ -107,6 +107,20 @@ def cache_reference(items: list[dict], reference: Reference, pad_id: int, device
         ref = reference(collate(chunk, pad_id).to(device)).float().cpu()  # (2B,)
         for k, item in enumerate(chunk):
             item["ref_chosen"], item["ref_rejected"] = float(ref[k]), float(ref[len(chunk) + k])
+
+
+def cache_reference_over_ranks(items: list[dict], reference: Reference, pad_id: int, device, batch_size: int, collate,
+                               dist) -> None:
+    """`cache_reference` with the items split over the ranks (contiguous shares) and the values gathered: every rank
+    ends with every item's reference log-probs after running 1/N of the pass (each rank running all of it would make
+    the reference pass, not training, the cost that stops shrinking with more GPUs)."""
+    lo, hi = contiguous_share(len(items), dist)
+    cache_reference(items[lo:hi], reference, pad_id, device, batch_size, collate)
+    if dist.distributed:
+        mine = [(item["ref_chosen"], item["ref_rejected"]) for item in items[lo:hi]]
+        gathered = [v for part in all_gather_objects(mine) for v in part]  # rank order = item order
+        for item, (chosen, rejected) in zip(items, gathered, strict=True):
+            item["ref_chosen"], item["ref_rejected"] = chosen, rejected
 
 
 # --------------------------------------------------------------------------- batches and loss
@@ -203,11 +217,12 @@ def main(cfg: DPOConfig) -> dict:
         t0 = time.perf_counter()
         # the policy before training (and before LoRA) is the starting weights, i.e. the LoRA base; twice the
         # training rows a forward: no activations are kept for a backward (bench tiny: 8 -> 16 rows, 9% faster)
-        cache_reference(data.train + data.eval, frozen_reference(ref_model or model), pad_id, device,
-                        2 * cfg.batch_size, pair_collate(ref_model or model))
+        cache_reference_over_ranks(data.train + data.eval, frozen_reference(ref_model or model), pad_id, device,
+                                   2 * cfg.batch_size, pair_collate(ref_model or model), run.dist)
         ref_model, ref_seconds = None, time.perf_counter() - t0
         if run.dist.is_main:
-            print(f"reference log-probs cached for {len(data.train) + len(data.eval)} pairs", flush=True)
+            print(f"reference log-probs cached for {len(data.train) + len(data.eval)} pairs in {ref_seconds:.1f} s",
+                  flush=True)
     elif ref_model is None and cfg.lora.r <= 0:
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()
 
