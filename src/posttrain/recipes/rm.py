@@ -44,7 +44,8 @@ import torch
 from posttrain.config import RMConfig
 from posttrain.data import (PairBatch, RankingBatch, SharedPromptPairs, collate_pairs, collate_prompts,
                             collate_rankings, collate_shared_pairs)
-from posttrain.engine import full_model_state, setup_run, unwrap
+from posttrain.engine import all_gather_objects, contiguous_share, full_model_state, setup_run, unwrap
+from posttrain.engine.dist import is_fsdp
 from posttrain.engine.loop import fit
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import (load_sequence_classifier, load_tokenizer, save_pretrained_atomic, sequence_scores,
@@ -147,6 +148,17 @@ def chosen_rewards(model, items, pad_id: int, batch_size: int, device) -> torch.
     return torch.cat(out)
 
 
+def chosen_rewards_over_ranks(model, items, pad_id: int, batch_size: int, device, dist) -> torch.Tensor:
+    """`chosen_rewards` of every item, each rank scoring a contiguous share through the bare model (a DDP forward is a
+    collective, and the shares may differ in size) and the scores gathered in item order. An FSDP2-sharded model
+    needs every rank in every forward, so there each rank scores all items."""
+    if not dist.distributed or is_fsdp(model):
+        return chosen_rewards(model, items, pad_id, batch_size, device)
+    lo, hi = contiguous_share(len(items), dist)
+    mine = chosen_rewards(unwrap(model), items[lo:hi], pad_id, batch_size, device).tolist() if hi > lo else []
+    return torch.tensor([r for part in all_gather_objects(mine) for r in part], dtype=torch.float32)
+
+
 def reward_normalisation(rewards: torch.Tensor) -> tuple[float, float]:
     """(bias, scale) = (mean, population std), so (r - bias) / scale has mean 0 and std 1 on these rewards.
     A constant reward (std 0) keeps scale 1: there is nothing to rescale."""
@@ -183,7 +195,8 @@ def main(cfg: RMConfig) -> dict:
     norm: dict[str, float] = {}
     if not result.stopped:
         if cfg.normalize:
-            bias, scale = reward_normalisation(chosen_rewards(model, data.train, tok.pad_token_id, cfg.batch_size, device))
+            bias, scale = reward_normalisation(chosen_rewards_over_ranks(model, data.train, tok.pad_token_id, cfg.batch_size,
+                                                                         device, run.dist))
             # The base model's config is what final/ (and final/merged/ with LoRA) writes as config.json.
             base_model(model).config.posttrain_reward_bias = bias
             base_model(model).config.posttrain_reward_scale = scale
