@@ -227,4 +227,11 @@ def test_two_processes_equal_one(tiny_model, prefs_small, tmp_path, strategy):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    # the held-out pass: each DDP rank scores half the pairs (FSDP2: every rank all of them), summed over the ranks
+    evals1, evals2 = ([r for r in read_metrics(d / "metrics.jsonl") if "eval_loss" in r] for d in (one, two))
+    assert [r["step"] for r in evals1] == [r["step"] for r in evals2] and len(evals1) >= 2
+    for a, b in zip(evals1, evals2):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     assert_same_trained_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")

@@ -297,14 +297,15 @@ def test_rm_on_the_sentiment_task_prefs_is_far_above_chance(tiny_model, senti_di
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tiny_model, arith_dir, tmp_path):
-    """2 gloo ranks x 4 pairs == 1 process x 8 pairs a step (DDP): the same losses, accuracies and final weights,
-    and the same reward normalisation written into the saved config (its pass runs over every rank's data)."""
+    """2 gloo ranks x 4 pairs == 1 process x 8 pairs a step (DDP): the same losses, accuracies, held-out metrics
+    (each rank evaluates half) and final weights, and the same reward normalisation written into the saved config
+    (each rank scores half the training chosen responses)."""
     from posttrain.engine import read_metrics
     from tests.recipes.multiproc import assert_same_trained_weights, run_two_processes
 
     def args(out, *extra):
         return ["rm", f"model={tiny_model}", f"data.train={arith_dir / 'prefs.jsonl'}", f"output_dir={out}",
-                "data.eval_split=0", "max_steps=3", "max_length=64", "learning_rate=1e-3", "dtype=float32",
+                "data.eval_split=0.25", "max_steps=3", "max_length=64", "learning_rate=1e-3", "dtype=float32",
                 "logging.progress=false", "logging.steps=1", "data.max_rows=64", *extra]
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -314,6 +315,12 @@ def test_two_processes_equal_one(tiny_model, arith_dir, tmp_path):
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [1, 2, 3]
     for a, b in zip(rows1, rows2):
         for key in ("loss", "accuracy", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    evals1, evals2 = ([r for r in read_metrics(d / "metrics.jsonl") if "eval_loss" in r] for d in (one, two))
+    assert [r["step"] for r in evals1] == [r["step"] for r in evals2] and len(evals1) >= 2
+    for a, b in zip(evals1, evals2):  # each rank scores half the held-out pairs; sums and lists are gathered
+        assert a.keys() == b.keys()
+        for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     c1, c2 = (json.loads((d / "final" / "config.json").read_text()) for d in (one, two))
     for key in ("posttrain_reward_bias", "posttrain_reward_scale"):

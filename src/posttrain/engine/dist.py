@@ -9,6 +9,7 @@ the tests check multi-process behaviour on a laptop.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,15 +111,55 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return parts
 
 
+class EvalShare:
+    """The held-out items a rank evaluates and how its results combine into the whole set's.
+
+    Under DDP each rank takes a contiguous share (`contiguous_share`) through the bare model (a DDP forward is a
+    collective, and the shares may differ in size); `sum` and `gather` then combine the ranks' numbers. With one
+    process, or an FSDP2-sharded model (whose forward needs every rank), every rank evaluates every item and both
+    are the identity."""
+
+    def __init__(self, items: list, model: nn.Module, dist: DistInfo | None):
+        self.split = dist is not None and dist.distributed and not is_fsdp(model)
+        lo, hi = contiguous_share(len(items), dist) if self.split else (0, len(items))
+        self.items, self.model = items[lo:hi], unwrap(model) if self.split else model
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Per-rank sums -> the whole set's sums."""
+        if not self.split:
+            return values
+        return all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def gather(self, values: list) -> list:
+        """Per-rank lists -> the whole set's list, in item order."""
+        return [v for part in all_gather_objects(values) for v in part] if self.split else values
+
+
 def barrier() -> None:
     """Wait until every rank gets here."""
     if _active():
         torch_dist.barrier()
 
 
+# DDP wrappers made by `wrap_model`, whose gradient reducers `destroy` lets go of first (see there).
+_DDP_WRAPPERS: list[nn.parallel.DistributedDataParallel] = []
+
+
 def destroy() -> None:
-    """Leave the process group (end of a run)."""
+    """Leave the process group (end of a run).
+
+    A DDP wrapper's C++ reducer holds the gloo process group; when the wrapper is freed after the group is destroyed
+    (the recipe's `model` going out of scope), the group's destructor runs under the GIL and joins gloo's worker
+    threads, which can be waiting for the GIL to release a tensor: a deadlock seen at the end of 2-process runs. So the
+    reducers go first, while the group is still registered, and the group is then destroyed through the path that
+    releases the GIL."""
     if torch_dist.is_available() and torch_dist.is_initialized():
+        for ddp in _DDP_WRAPPERS:
+            for name in ("reducer", "logger"):  # DDP's logger holds the reducer too
+                if name in ddp.__dict__:
+                    del ddp.__dict__[name]
+        _DDP_WRAPPERS.clear()
+        gc.collect()
         torch_dist.destroy_process_group()
 
 
@@ -149,7 +190,9 @@ def wrap_model(model: nn.Module, dist: DistInfo, strategy: str = "ddp") -> nn.Mo
     if strategy != "ddp":
         raise ValueError(f"unknown data-parallel strategy {strategy!r}; use 'ddp' or 'fsdp'")
     device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    _DDP_WRAPPERS.append(wrapped)
+    return wrapped
 
 
 def unwrap(model: nn.Module) -> nn.Module:

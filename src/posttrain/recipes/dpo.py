@@ -47,6 +47,7 @@ from posttrain.config import ConfigError, DPOConfig
 from posttrain.data import PairBatch, SharedPromptPairs, collate_pairs, collate_shared_pairs
 from posttrain.data.collate import shared_pair_length
 from posttrain.engine import all_gather_objects, contiguous_share, setup_run
+from posttrain.engine.dist import EvalShare
 from posttrain.engine.loop import fit
 from posttrain.losses.dpo import LOSS_TYPES, dpo_loss
 from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context,
@@ -175,15 +176,17 @@ def sequence_tokens(batch: DPOBatch) -> int:
     return pairs.sequence_tokens if isinstance(pairs, SharedPromptPairs) else int(pairs.attention_mask.sum())
 
 
-def dpo_evaluate(items: list[dict], collate, loss_fn, batch_size: int):
+def dpo_evaluate(items: list[dict], collate, loss_fn, batch_size: int, dist=None):
     """Mean loss and DPO metrics over the held-out pairs, prefixed `eval_`."""
     def evaluate(model) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        for i in range(0, len(items), batch_size):
-            loss_sum, stats = loss_fn(model, collate(items[i: i + batch_size]))
+        share, sums = EvalShare(items, model, dist), {}
+        for i in range(0, len(share.items), batch_size):
+            loss_sum, stats = loss_fn(share.model, collate(share.items[i: i + batch_size]))
             for k, v in {"loss": loss_sum, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        return {f"eval_{k}": v / max(len(items), 1) for k, v in sums.items()}
+        names = sorted(set(share.gather(sorted(sums))))  # a rank with no held-out pair has no keys of its own
+        totals = share.sum([sums.get(k, 0.0) for k in names])
+        return {f"eval_{k}": v / max(len(items), 1) for k, v in zip(names, totals)}
     return evaluate
 
 
@@ -233,7 +236,7 @@ def main(cfg: DPOConfig) -> dict:
         reference = frozen_reference(ref_model) if ref_model is not None else adapter_free_reference(model)
     collate = collate_dpo(pad_id, device, pair_collate(model))
     loss_fn = dpo_objective(cfg, reference)
-    evaluate = dpo_evaluate(data.eval, collate, loss_fn, cfg.batch_size) if data.eval else None
+    evaluate = dpo_evaluate(data.eval, collate, loss_fn, cfg.batch_size, run.dist) if data.eval else None
     result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=loss_fn,
                  count_fn=lambda b: b.num_pairs, tokens_fn=sequence_tokens,
                  evaluate=evaluate, tokenizer=tok, setup_seconds=ref_seconds)

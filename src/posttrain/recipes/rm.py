@@ -45,7 +45,7 @@ from posttrain.config import RMConfig
 from posttrain.data import (PairBatch, RankingBatch, SharedPromptPairs, collate_pairs, collate_prompts,
                             collate_rankings, collate_shared_pairs)
 from posttrain.engine import all_gather_objects, contiguous_share, full_model_state, setup_run, unwrap
-from posttrain.engine.dist import is_fsdp
+from posttrain.engine.dist import EvalShare, is_fsdp
 from posttrain.engine.loop import fit
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import (load_sequence_classifier, load_tokenizer, save_pretrained_atomic, sequence_scores,
@@ -114,17 +114,18 @@ def make_loss(cfg: RMConfig):
     return loss_fn
 
 
-def make_evaluate(items, cfg: RMConfig, collate):
+def make_evaluate(items, cfg: RMConfig, collate, dist=None):
     def evaluate(model):
         """Held-out loss (mean over examples, as in training), pair accuracy and margin, reward mean / std."""
-        loss, examples, chosen, rejected, scores = 0.0, 0, [], [], []
-        for i in range(0, len(items), cfg.batch_size):
-            batch = collate(items[i: i + cfg.batch_size])
-            losses, r_c, r_r, s = weighted_losses(cfg, model, batch)
+        share, loss, examples, chosen, rejected, scores = EvalShare(items, model, dist), 0.0, 0, [], [], []
+        for i in range(0, len(share.items), cfg.batch_size):
+            batch = collate(share.items[i: i + cfg.batch_size])
+            losses, r_c, r_r, s = weighted_losses(cfg, share.model, batch)
             loss += float(losses.sum())
             examples += num_examples(batch)
-            chosen.append(r_c), rejected.append(r_r), scores.append(s)
-        chosen, rejected, scores = torch.cat(chosen), torch.cat(rejected), torch.cat(scores)  # (P,), (P,), (N,)
+            chosen, rejected, scores = chosen + r_c.tolist(), rejected + r_r.tolist(), scores + s.tolist()
+        loss, examples = share.sum([loss, examples])
+        chosen, rejected, scores = (torch.tensor(share.gather(v), dtype=torch.float32) for v in (chosen, rejected, scores))
         return {"eval_loss": loss / max(examples, 1), "eval_accuracy": float((chosen > rejected).float().mean()),
                 "eval_margin": float((chosen - rejected).mean()), "eval_rewards/chosen": float(chosen.mean()),
                 "eval_rewards/rejected": float(rejected.mean()), "eval_rewards/mean": float(scores.mean()),
@@ -191,7 +192,7 @@ def main(cfg: RMConfig) -> dict:
     model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type="seq_cls", n_items=len(data.train))
     result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=make_loss(cfg),
                  count_fn=num_examples, tokens_fn=sequence_tokens,
-                 evaluate=make_evaluate(data.eval, cfg, collate) if data.eval else None, tokenizer=tok)
+                 evaluate=make_evaluate(data.eval, cfg, collate, run.dist) if data.eval else None, tokenizer=tok)
     norm: dict[str, float] = {}
     if not result.stopped:
         if cfg.normalize:

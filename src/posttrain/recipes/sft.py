@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from posttrain.config import SFTConfig
 from posttrain.data import IGNORE, collate_classification, collate_sft, pack_sft
 from posttrain.engine import setup_run
+from posttrain.engine.dist import EvalShare
 from posttrain.engine.loop import fit
 from posttrain.errors import PosttrainError
 from posttrain.losses import sft_loss
@@ -54,14 +55,15 @@ def lm_batches(items, cfg, pad_id, device):
     return collate
 
 
-def lm_evaluate(items, cfg, pad_id, device):
+def lm_evaluate(items, cfg, pad_id, device, dist=None):
     def evaluate(model):
-        nll, n = 0.0, 0
-        for i in range(0, len(items), cfg.batch_size):
-            batch = collate_sft(items[i: i + cfg.batch_size], pad_id).to(device)
-            loss_sum, _ = lm_loss(model, batch)
+        share, nll, n = EvalShare(items, model, dist), 0.0, 0
+        for i in range(0, len(share.items), cfg.batch_size):
+            batch = collate_sft(share.items[i: i + cfg.batch_size], pad_id).to(device)
+            loss_sum, _ = lm_loss(share.model, batch)
             nll += float(loss_sum)
             n += batch.num_targets
+        nll, n = share.sum([nll, n])
         mean = nll / max(n, 1)
         return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
     return evaluate
@@ -77,17 +79,18 @@ def cls_loss(model, batch):
     return loss, {"accuracy": correct}
 
 
-def cls_evaluate(items, cfg, pad_id, device):
+def cls_evaluate(items, cfg, pad_id, device, dist=None):
     from posttrain.eval.metrics import macro_f1
 
     def evaluate(model):
-        preds, labels, loss = [], [], 0.0
-        for i in range(0, len(items), cfg.batch_size):
-            batch = collate_classification(items[i: i + cfg.batch_size], pad_id).to(device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        share, preds, labels, loss = EvalShare(items, model, dist), [], [], 0.0
+        for i in range(0, len(share.items), cfg.batch_size):
+            batch = collate_classification(share.items[i: i + cfg.batch_size], pad_id).to(device)
+            logits = share.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
             loss += float(F.cross_entropy(logits.float(), batch.labels, reduction="sum"))
             preds += logits.argmax(-1).tolist()
             labels += batch.labels.tolist()
+        (loss,), preds, labels = share.sum([loss]), share.gather(preds), share.gather(labels)
         acc = sum(p == t for p, t in zip(preds, labels)) / max(len(labels), 1)
         return {"eval_loss": loss / max(len(labels), 1), "eval_accuracy": acc,
                 "eval_macro_f1": macro_f1(preds, labels)}
@@ -113,7 +116,7 @@ def main(cfg: SFTConfig) -> dict:
         loss_fn = lm_loss
         count_fn = lambda b: int((b.labels[:, 1:] != IGNORE).sum())  # noqa: E731 - target tokens
         tokens_fn = lambda b: int((b.input_ids != tok.pad_token_id).sum()) if b.attention_mask is None else int(b.attention_mask.sum())  # noqa: E731
-        evaluate = lm_evaluate(data.eval, cfg, tok.pad_token_id, device) if data.eval else None
+        evaluate = lm_evaluate(data.eval, cfg, tok.pad_token_id, device, run.dist) if data.eval else None
     else:
         data = load_data(cfg, tok, "classification", verbose=run.dist.is_main)
         num_labels = cfg.num_labels or len(data.id2label)
@@ -128,7 +131,7 @@ def main(cfg: SFTConfig) -> dict:
         loss_fn = cls_loss
         count_fn = lambda b: int(b.labels.numel())  # noqa: E731 - sequences
         tokens_fn = lambda b: int(b.attention_mask.sum())  # noqa: E731
-        evaluate = cls_evaluate(data.eval, cfg, tok.pad_token_id, device) if data.eval else None
+        evaluate = cls_evaluate(data.eval, cfg, tok.pad_token_id, device, run.dist) if data.eval else None
 
     run.logger.log(data.summary, step=0)
     model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type=task_type, n_items=len(data.train))
