@@ -111,6 +111,11 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return parts
 
 
+def gather_lists(values: list) -> list:
+    """Every rank's list concatenated in rank order, on every rank (``values`` itself with one process)."""
+    return [v for part in all_gather_objects(values) for v in part]
+
+
 class EvalShare:
     """The held-out items a rank evaluates and how its results combine into the whole set's.
 
@@ -132,7 +137,7 @@ class EvalShare:
 
     def gather(self, values: list) -> list:
         """Per-rank lists -> the whole set's list, in item order."""
-        return [v for part in all_gather_objects(values) for v in part] if self.split else values
+        return gather_lists(values) if self.split else values
 
 
 def barrier() -> None:

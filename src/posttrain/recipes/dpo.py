@@ -46,8 +46,8 @@ import torch
 from posttrain.config import ConfigError, DPOConfig
 from posttrain.data import PairBatch, SharedPromptPairs, collate_pairs, collate_shared_pairs
 from posttrain.data.collate import shared_pair_length
-from posttrain.engine import all_gather_objects, contiguous_share, setup_run
-from posttrain.engine.dist import EvalShare
+from posttrain.engine import contiguous_share, setup_run
+from posttrain.engine.dist import EvalShare, gather_lists
 from posttrain.engine.loop import fit
 from posttrain.losses.dpo import LOSS_TYPES, dpo_loss
 from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context,
@@ -119,8 +119,7 @@ def cache_reference_over_ranks(items: list[dict], reference: Reference, pad_id: 
     cache_reference(items[lo:hi], reference, pad_id, device, batch_size, collate)
     if dist.distributed:
         mine = [(item["ref_chosen"], item["ref_rejected"]) for item in items[lo:hi]]
-        gathered = [v for part in all_gather_objects(mine) for v in part]  # rank order = item order
-        for item, (chosen, rejected) in zip(items, gathered, strict=True):
+        for item, (chosen, rejected) in zip(items, gather_lists(mine), strict=True):  # rank order = item order
             item["ref_chosen"], item["ref_rejected"] = chosen, rejected
 
 

@@ -49,9 +49,10 @@ import torch
 
 from posttrain.config import ConfigError, OnlineDPOConfig
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
-from posttrain.engine import (Checkpointer, all_gather_objects, all_reduce_sum, build_optimizer, build_scheduler,
+from posttrain.engine import (Checkpointer, all_reduce_sum, build_optimizer, build_scheduler,
                               contiguous_share, load_checkpoint, resolve_resume, setup_run, total_steps_for, unwrap,
                               wrap_model)
+from posttrain.engine.dist import gather_lists
 from posttrain.engine.loop import fit
 from posttrain.models import apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from posttrain.recipes.dpo import (adapter_free_reference, cache_reference, check_config, collate_dpo, dpo_objective,
@@ -146,7 +147,7 @@ def gather_pairs(pairs: list[dict], dist) -> list[dict]:
     """Every rank's pairs, in rank order (= prompt order, the shares being contiguous), on every rank."""
     if dist is None or not dist.distributed:
         return pairs
-    return [item for part in all_gather_objects(pairs) for item in part]
+    return gather_lists(pairs)
 
 
 def gold_reward(sampler: Sampler, tok, task, prompts: list[dict], dist=None) -> float:

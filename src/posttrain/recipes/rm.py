@@ -44,8 +44,8 @@ import torch
 from posttrain.config import RMConfig
 from posttrain.data import (PairBatch, RankingBatch, SharedPromptPairs, collate_pairs, collate_prompts,
                             collate_rankings, collate_shared_pairs)
-from posttrain.engine import all_gather_objects, contiguous_share, full_model_state, setup_run, unwrap
-from posttrain.engine.dist import EvalShare, is_fsdp
+from posttrain.engine import contiguous_share, full_model_state, setup_run, unwrap
+from posttrain.engine.dist import EvalShare, gather_lists, is_fsdp
 from posttrain.engine.loop import fit
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import (load_sequence_classifier, load_tokenizer, save_pretrained_atomic, sequence_scores,
@@ -157,7 +157,7 @@ def chosen_rewards_over_ranks(model, items, pad_id: int, batch_size: int, device
         return chosen_rewards(model, items, pad_id, batch_size, device)
     lo, hi = contiguous_share(len(items), dist)
     mine = chosen_rewards(unwrap(model), items[lo:hi], pad_id, batch_size, device).tolist() if hi > lo else []
-    return torch.tensor([r for part in all_gather_objects(mine) for r in part], dtype=torch.float32)
+    return torch.tensor(gather_lists(mine), dtype=torch.float32)
 
 
 def reward_normalisation(rewards: torch.Tensor) -> tuple[float, float]:
