@@ -1,9 +1,14 @@
 """Typed configs: one dataclass per command, a help string on every key.
 
 A config comes from an optional YAML file plus dotted ``key=value`` overrides
-(command-line values win). Unknown keys and wrong types are rejected with the
-key's name and the closest valid key. ``posttrain CMD --help`` prints
-:func:`help_text` of the command's config.
+(command-line values win). Each command's dataclass holds exactly the keys that
+command honours: it is composed from groups of top-level keys (``RunKeys``,
+``OptimKeys``, ...) and sections (``data``, ``rollout``, ...), never inherited
+from another command. Unknown keys and wrong types are rejected with the key's
+name and the closest valid key; a key another command takes is refused with the
+key that does its job here (``REFUSED``); an enum key (``Literal``) is checked
+here, once, with the closest valid value suggested. ``posttrain CMD --help``
+prints :func:`help_text` of the command's config.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -35,19 +40,59 @@ def sub(cls: type, help: str) -> Any:  # noqa: A002
     return field(default_factory=cls, metadata={"help": help})
 
 
+# --------------------------------------------------------------------------- enum values
+
+# Every key with a closed set of values is typed with one of these; `load_config` checks the value and suggests the
+# closest valid one. Library functions that take the same names (losses.dpo_loss, losses.kl_estimate, ...) keep
+# their own tuples, pinned equal to these by tests/test_config.py.
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+LRScheduler = Literal["constant", "linear", "cosine"]
+Strategy = Literal["ddp", "fsdp"]
+SFTTask = Literal["causal_lm", "classification"]
+LossOn = Literal["assistant", "completion", "all"]
+DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "classification",
+                     "preference", "prompt"]
+Reporter = Literal["jsonl", "tensorboard", "wandb"]
+DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+KLEstimator = Literal["k1", "k2", "k3"]
+AdvantageEstimator = Literal["gae", "grpo", "rloo", "reinforce_pp"]
+CriticInit = Literal["auto", "reward", "policy"]
+Backend = Literal["hf", "vllm"]
+TaskName = Literal["arithmetic", "sentiment", "dialogue"]
+OptionalTask = Literal["", "arithmetic", "sentiment", "dialogue"]  # "" = none
+DemoTask = Literal["arithmetic", "sentiment"]
+TinySize = Literal["tiny", "small", "base"]
+
+
 # --------------------------------------------------------------------------- sections
 
 
 @dataclass
 class DataConfig:
+    """The data of the supervised commands (sft, rm, dpo)."""
+
     train: list[str] = opt([], "training data: file path(s) (json, jsonl, csv, parquet), a saved dataset folder, or an HF dataset name (`name` or `name:split`)")
     eval: list[str] = opt([], "evaluation data, same forms as data.train")
     eval_split: float = opt(0.0, "when data.eval is empty, hold out this fraction of data.train for evaluation")
-    format: str = opt("auto", "row format: auto, messages, prompt_completion, alpaca, sharegpt, text, classification, preference, prompt")
+    format: DataFormat = opt("auto", "row format: auto, messages, prompt_completion, alpaca, sharegpt, text, classification, preference, prompt")
     chat_template: str = opt("auto", "auto (the tokenizer's own, else chatml), chatml, or a Jinja template string")
     skip_invalid: bool = opt(False, "skip and count bad rows instead of stopping the run")
     max_rows: int = opt(0, "use at most this many training rows (0 = all)")
     shuffle: bool = opt(True, "shuffle the training rows each epoch (seeded)")
+
+
+@dataclass
+class PromptDataConfig:
+    """The prompts of the online commands (ppo, online-dpo): they sample their own responses."""
+
+    train: list[str] = opt([], "prompt file(s) (json, jsonl, csv, parquet), a saved dataset folder or an HF dataset name, when `prompts` is empty")
+    eval: list[str] = opt([], "held-out prompt file(s) that eval_task scores (default: eval.jsonl beside the first prompt file)")
+    format: DataFormat = opt("auto", "row format of the prompt files: auto, prompt, messages, prompt_completion, alpaca, sharegpt, preference")
+    chat_template: str = opt("auto", "auto (the tokenizer's own, else chatml), chatml, or a Jinja template string")
+    skip_invalid: bool = opt(False, "skip and count bad rows instead of stopping the run")
+    max_rows: int = opt(0, "use at most this many training prompts, the first of the file(s) (0 = all)")
+    shuffle: bool = opt(True, "take the prompts in a seeded random order, every prompt once per pass (false: file order); "
+                              "online-dpo also shuffles each round's pairs")
 
 
 @dataclass
@@ -66,67 +111,162 @@ class FreezeConfig:
 
 @dataclass
 class LoggingConfig:
+    """Logging of the supervised commands (sft, rm, dpo)."""
+
     steps: int = opt(10, "log training metrics every N optimizer steps")
-    report_to: list[str] = opt(["jsonl"], "jsonl always; add tensorboard and/or wandb when installed")
+    report_to: list[Reporter] = opt(["jsonl"], "jsonl always; add tensorboard and/or wandb when installed")
     progress: bool = opt(True, "show a progress bar with ETA and live loss")
     eval_steps: int = opt(0, "evaluate on data.eval every N steps (0 = at the end of each epoch)")
 
 
 @dataclass
+class OnlineLoggingConfig:
+    """Logging of the online commands, which evaluate on their own cadence (ppo `eval_every`, online-dpo each round)."""
+
+    steps: int = opt(10, "ppo: print a progress line every N iterations (metrics.jsonl has every one); "
+                         "online-dpo: log the DPO metrics every N optimizer steps")
+    report_to: list[Reporter] = opt(["jsonl"], "jsonl always; add tensorboard and/or wandb when installed")
+    progress: bool = opt(True, "show a progress bar with ETA")
+
+
+@dataclass
 class SaveConfig:
-    steps: int = opt(0, "save a checkpoint every N optimizer steps (0 = only at the end)")
+    steps: int = opt(0, "save a checkpoint every N optimizer steps (ppo: iterations; 0 = only at the end)")
     keep: int = opt(2, "how many step checkpoints to keep")
     merge_lora: bool = opt(False, "with LoRA, also write a merged full model to final/merged")
 
 
 @dataclass
-class RolloutConfig:
-    batch_size: int = opt(64, "prompts x samples generated per rollout batch (episodes per PPO iteration)")
-    samples_per_prompt: int = opt(1, "completions sampled per prompt (group size for grpo / rloo)")
+class RoundSaveConfig:
+    """online-dpo saves a checkpoint at the end of every round."""
+
+    keep: int = opt(2, "how many round checkpoints to keep")
+    merge_lora: bool = opt(False, "with LoRA, also write a merged full model to final/merged")
+
+
+@dataclass
+class SamplingConfig:
+    """What the sampler (`rollout.Sampler`) reads: how one response is drawn."""
+
     max_new_tokens: int = opt(32, "longest sampled response")
     temperature: float = opt(1.0, "sampling temperature (the loss uses the same)")
     top_k: int = opt(0, "top-k sampling (0 = off)")
     top_p: float = opt(1.0, "nucleus sampling (1.0 = off)")
-    backend: str = opt("hf", "hf (KV-cached batched sampler) or vllm (optional extra)")
     generation_batch_size: int = opt(0, "sequences per generation call (0 = the whole rollout batch)")
+
+
+@dataclass
+class RolloutConfig(SamplingConfig):
+    """ppo's rollout: how many episodes an iteration samples."""
+
+    batch_size: int = opt(64, "prompts x samples generated per rollout batch (episodes per PPO iteration)")
+    samples_per_prompt: int = opt(1, "completions sampled per prompt (group size for grpo / rloo)")
+
+
+@dataclass
+class EvalSamplingConfig(SamplingConfig):
+    backend: Backend = opt("hf", "hf (KV-cached batched sampler) or vllm (optional extra: pip install 'posttrain[vllm]')")
+
+
+@dataclass
+class GenerateSamplingConfig(SamplingConfig):
+    samples_per_prompt: int = opt(1, "completions sampled per prompt")
+    backend: Backend = opt("hf", "hf (KV-cached batched sampler) or vllm (optional extra: pip install 'posttrain[vllm]')")
 
 
 @dataclass
 class RewardConfig:
     model: str = opt("", "folder of a trained reward model (scalar head)")
     function: str = opt("", "path/to/file.py:fn taking (prompts, completions) and returning floats")
-    task: str = opt("", "built-in verifier: arithmetic, sentiment, dialogue")
+    task: OptionalTask = opt("", "built-in verifier: arithmetic, sentiment, dialogue")
     weights: list[float] = opt([], "weights when several sources are given (model, function, task order)")
     clip: float = opt(0.0, "clip scores to [-clip, clip] (0 = off)")
     batch_size: int = opt(32, "sequences per reward-model forward pass")
     label: str = opt("", "with a classifier as the reward model: the label whose logit is the reward (e.g. positive)")
 
 
-# --------------------------------------------------------------------------- commands
+# --------------------------------------------------------------------------- groups of top-level keys
+#
+# A command's config is its own keys plus the groups it honours (dataclass mixins: the fields of every base, the
+# rightmost base's first in --help) plus its own sections. No command inherits another's config.
 
 
 @dataclass
-class TrainConfig:
-    """Keys every training command shares (DESIGN.md)."""
+class ModelLoadKeys:
+    """Every command that loads a model: sft, rm, dpo, online-dpo, ppo, eval, generate."""
+
+    dtype: DType = opt("auto", "auto (bf16 on a GPU that supports it, else float32), float32, bfloat16, float16")
+
+
+@dataclass
+class RunKeys:
+    """Every training command."""
 
     model: str = opt("runs/tiny", "HF hub id or local folder of the model to train")
     output_dir: str = opt("runs/out", "where everything of the run goes")
     seed: int = opt(0, "one seed for data order, init and sampling")
     max_length: int = opt(512, "longest tokenized sequence; longer ones are truncated (completion side) or dropped, and counted")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    resume: str = opt("auto", "auto (latest checkpoint in output_dir), a checkpoint path, or false")
+
+
+@dataclass
+class OptimKeys:
+    """Every training command: AdamW and its schedule."""
+
     batch_size: int = opt(8, "sequences per device per micro-step")
-    grad_accum: int = opt(1, "micro-steps per optimizer step")
     learning_rate: float = opt(2e-5, "peak learning rate")
-    lr_scheduler: str = opt("linear", "constant, linear or cosine (after warm-up)")
+    lr_scheduler: LRScheduler = opt("linear", "constant, linear or cosine (after warm-up)")
     warmup_ratio: float = opt(0.0, "fraction of steps spent warming up linearly from 0")
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms)")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm (0 = off)")
+
+
+@dataclass
+class SupervisedKeys:
+    """The supervised loop of sft, rm and dpo: its length, accumulation and parallelism."""
+
+    grad_accum: int = opt(1, "micro-steps per optimizer step")
     num_epochs: float = opt(1.0, "passes over the training data")
     max_steps: int = opt(0, "optimizer steps; wins over num_epochs when > 0")
-    dtype: str = opt("auto", "auto (bf16 on a GPU that supports it, else float32), float32, bfloat16, float16")
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
-    strategy: str = opt("ddp", "several processes: ddp (each rank holds the whole model) or fsdp (FSDP2: weights, "
-                        "gradients and optimizer state sharded over the ranks)")
-    resume: str = opt("auto", "auto (latest checkpoint in output_dir), a checkpoint path, or false")
+    strategy: Strategy = opt("ddp", "several processes: ddp (each rank holds the whole model) or fsdp (FSDP2: weights, "
+                             "gradients and optimizer state sharded over the ranks)")
+
+
+@dataclass
+class DPOKeys:
+    """The DPO objective (dpo and online-dpo)."""
+
+    beta: float = opt(0.1, "KL weight beta")
+    loss_type: DPOLossType = opt("sigmoid", "sigmoid (DPO), ipo, hinge, robust")
+    label_smoothing: float = opt(0.0, "assumed fraction of flipped labels (robust / cDPO)")
+    sft_weight: float = opt(0.0, "weight of the chosen response's NLL added to the loss")
+    ref_model: str = opt("", "folder of the reference model (default: the policy's starting weights)")
+    precompute_ref: bool = opt(True, "compute reference log-probs once before training and cache them")
+
+
+# Keys another command takes that this one does not: refused with the key that does the job.
+_ONLINE_REFUSED = {
+    "strategy": "{cmd} samples from the whole policy on each rank, so it always runs DDP (fsdp is for sft, rm and dpo)",
+    "data.eval_split": "{cmd}'s held-out prompts are data.eval (or eval.jsonl beside the prompts), scored by eval_task",
+    "rollout.backend": "{cmd} samples with the built-in sampler; rollout.backend is for eval and generate",
+}
+
+
+def _refused(cmd: str, **extra: str) -> dict[str, str]:
+    return {k: v.format(cmd=cmd) for k, v in {**_ONLINE_REFUSED, **extra}.items()}
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass
+class SFTConfig(SupervisedKeys, OptimKeys, RunKeys, ModelLoadKeys):
+    task: SFTTask = opt("causal_lm", "causal_lm (instruction tuning) or classification (new head)")
+    num_labels: int = opt(0, "classification: number of labels (0 = from the data)")
+    loss_on: LossOn = opt("assistant", "assistant (assistant turns), completion (last assistant turn), or all tokens")
+    packing: bool = opt(False, "padding-free: a micro-batch's sequences in one row, no attention across them")
+    learning_rate: float = opt(2e-5, "peak learning rate")
     data: DataConfig = sub(DataConfig, "data sources and format")
     lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")
     freeze: FreezeConfig = sub(FreezeConfig, "layer freezing")
@@ -135,51 +275,71 @@ class TrainConfig:
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    task: str = opt("causal_lm", "causal_lm (instruction tuning) or classification (new head)")
-    num_labels: int = opt(0, "classification: number of labels (0 = from the data)")
-    loss_on: str = opt("assistant", "assistant (assistant turns), completion (last assistant turn), or all tokens")
-    packing: bool = opt(False, "padding-free: a micro-batch's sequences in one row, no attention across them")
-    learning_rate: float = opt(2e-5, "peak learning rate")
-
-
-@dataclass
-class RMConfig(TrainConfig):
+class RMConfig(SupervisedKeys, OptimKeys, RunKeys, ModelLoadKeys):
     margin: bool = opt(True, "use a per-pair `margin` column when the data has one")
     center_rewards_coef: float = opt(0.0, "weight of the reward-centring term mean((r_c + r_r)^2)")
     normalize: bool = opt(True, "after training, store bias/scale so chosen rewards on the training prompts have mean 0, std 1")
     learning_rate: float = opt(1e-5, "peak learning rate")
+    data: DataConfig = sub(DataConfig, "data sources and format")
+    lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")
+    freeze: FreezeConfig = sub(FreezeConfig, "layer freezing")
+    logging: LoggingConfig = sub(LoggingConfig, "metrics logging")
+    save: SaveConfig = sub(SaveConfig, "checkpoints")
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    beta: float = opt(0.1, "KL weight beta")
-    loss_type: str = opt("sigmoid", "sigmoid (DPO), ipo, hinge, robust")
-    label_smoothing: float = opt(0.0, "assumed fraction of flipped labels (robust / cDPO)")
-    sft_weight: float = opt(0.0, "weight of the chosen response's NLL added to the loss")
-    ref_model: str = opt("", "folder of the reference model (default: the policy's starting weights)")
-    precompute_ref: bool = opt(True, "compute reference log-probs once before training and cache them")
+class DPOConfig(DPOKeys, SupervisedKeys, OptimKeys, RunKeys, ModelLoadKeys):
     learning_rate: float = opt(1e-6, "peak learning rate")
+    data: DataConfig = sub(DataConfig, "data sources and format")
+    lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")
+    freeze: FreezeConfig = sub(FreezeConfig, "layer freezing")
+    logging: LoggingConfig = sub(LoggingConfig, "metrics logging")
+    save: SaveConfig = sub(SaveConfig, "checkpoints")
 
 
 @dataclass
-class OnlineDPOConfig(DPOConfig):
+class OnlineDPOConfig(DPOKeys, OptimKeys, RunKeys, ModelLoadKeys):
+    REFUSED: ClassVar[dict[str, str]] = _refused(
+        "online-dpo",
+        num_epochs="online-dpo trains `epochs_per_round` DPO epochs on each round's pairs, for `rounds` rounds",
+        **{"logging.eval_steps": "online-dpo evaluates after every round (eval_task on data.eval)",
+           "save.steps": "online-dpo saves a checkpoint at the end of every round",
+           "rollout.batch_size": "a round samples `prompts_per_round` x `samples_per_prompt` responses",
+           "rollout.samples_per_prompt": "online-dpo's key is `samples_per_prompt`"})
+
+    grad_accum: int = opt(1, "micro-steps per DPO optimizer step")
+    max_steps: int = opt(0, "DPO optimizer steps per round; wins over epochs_per_round when > 0")
+    learning_rate: float = opt(1e-6, "peak learning rate (each round runs its own warm-up and decay)")
     prompts: list[str] = opt([], "prompt file(s) to sample from (default: data.train)")
     rounds: int = opt(3, "sample-label-train rounds")
     prompts_per_round: int = opt(64, "prompts sampled per round")
     samples_per_prompt: int = opt(4, "completions per prompt; pairs are best vs worst, ties dropped")
     epochs_per_round: int = opt(1, "DPO epochs over each round's pairs")
     reset_ref_each_round: bool = opt(True, "the trained policy becomes the next round's reference (DPO-Iter)")
-    eval_task: str = opt("", "built-in task whose verifier scores held-out prompts after each round")
+    eval_task: OptionalTask = opt("", "built-in task whose verifier scores held-out prompts after each round")
     eval_prompts: int = opt(64, "held-out prompts scored per round when eval_task is set")
-    rollout: RolloutConfig = sub(RolloutConfig, "sampling")
+    data: PromptDataConfig = sub(PromptDataConfig, "prompt sources and format")
+    rollout: SamplingConfig = sub(SamplingConfig, "sampling")
     reward: RewardConfig = sub(RewardConfig, "reward source(s)")
+    lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")
+    freeze: FreezeConfig = sub(FreezeConfig, "layer freezing")
+    logging: OnlineLoggingConfig = sub(OnlineLoggingConfig, "metrics logging")
+    save: RoundSaveConfig = sub(RoundSaveConfig, "checkpoints")
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(OptimKeys, RunKeys, ModelLoadKeys):
+    # The run's length is `total_episodes`: one key, not a second one counting the same iterations.
+    REFUSED: ClassVar[dict[str, str]] = _refused(
+        "ppo",
+        max_steps="ppo runs `total_episodes` episodes: total_episodes // rollout.batch_size iterations, each "
+                  "ppo_epochs x ceil(rollout.batch_size / mini_batch_size) optimizer steps",
+        num_epochs="ppo runs `total_episodes` episodes (`ppo_epochs` is the passes over each rollout batch)",
+        grad_accum="ppo's optimizer step is `mini_batch_size` sequences, in micro-batches of `batch_size`",
+        **{"logging.eval_steps": "ppo evaluates every `eval_every` iterations"})
+
     prompts: list[str] = opt([], "prompt file(s) (default: data.train)")
-    total_episodes: int = opt(1024, "sampled responses over the whole run")
+    total_episodes: int = opt(1024, "sampled responses over the whole run: total_episodes // rollout.batch_size iterations")
     ppo_epochs: int = opt(4, "passes over each rollout batch")
     mini_batch_size: int = opt(16, "sequences per PPO optimizer step (split into micro-batches of batch_size)")
     clip_range: float = opt(0.2, "policy ratio clip")
@@ -188,28 +348,38 @@ class PPOConfig(TrainConfig):
     gamma: float = opt(1.0, "discount")
     lam: float = opt(0.95, "GAE lambda")
     kl_coef: float = opt(0.05, "KL penalty weight")
-    kl_estimator: str = opt("k1", "k1, k2 or k3 (Schulman's estimators)")
+    kl_estimator: KLEstimator = opt("k1", "k1, k2 or k3 (Schulman's estimators)")
     adaptive_kl_target: float = opt(0.0, "target KL for the adaptive controller (0 = fixed kl_coef)")
     adaptive_kl_horizon: int = opt(10000, "horizon (episodes) of the adaptive KL controller (Ziegler et al. 2019)")
     whiten_advantages: bool = opt(True, "normalise advantages over the batch's valid tokens")
     whiten_rewards: bool = opt(False, "normalise scores over the batch")
     ref_ema: float = opt(0.0, "0 = frozen reference; else the EMA weight given to the policy each step")
     missing_eos_penalty: float = opt(-1.0, "added to the score of a response with no EOS (0 = off)")
-    advantage_estimator: str = opt("gae", "gae (critic), grpo, rloo, reinforce_pp")
-    critic_init: str = opt("auto", "reward (from the reward model), policy (policy backbone), auto")
+    advantage_estimator: AdvantageEstimator = opt("gae", "gae (critic), grpo, rloo, reinforce_pp")
+    critic_init: CriticInit = opt("auto", "reward (from the reward model), policy (policy backbone), auto")
     critic_learning_rate: float = opt(0.0, "critic learning rate (0 = learning_rate)")
-    eval_task: str = opt("", "built-in task whose verifier scores held-out prompts during training")
+    eval_task: OptionalTask = opt("", "built-in task whose verifier scores held-out prompts during training")
     eval_prompts: int = opt(64, "held-out prompts scored at each evaluation")
     eval_every: int = opt(0, "evaluate every N PPO iterations (0 = start and end only)")
+    learning_rate: float = opt(1e-5, "actor learning rate")
+    data: PromptDataConfig = sub(PromptDataConfig, "prompt sources and format")
     rollout: RolloutConfig = sub(RolloutConfig, "sampling")
     reward: RewardConfig = sub(RewardConfig, "reward source(s)")
-    learning_rate: float = opt(1e-5, "actor learning rate")
+    lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")
+    freeze: FreezeConfig = sub(FreezeConfig, "layer freezing")
+    logging: OnlineLoggingConfig = sub(OnlineLoggingConfig, "metrics logging")
+    save: SaveConfig = sub(SaveConfig, "checkpoints")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ModelLoadKeys):
+    REFUSED: ClassVar[dict[str, str]] = {
+        "rollout.samples_per_prompt": "eval's key is `num_samples` (samples per prompt for pass@k)",
+        "rollout.batch_size": "eval's key is `batch_size` (sequences per forward pass and generation call)",
+    }
+
     model: str = opt("runs/out/final", "model folder to evaluate")
-    task: str = opt("", "built-in task whose held-out prompts and verifier to use")
+    task: OptionalTask = opt("", "built-in task whose held-out prompts and verifier to use")
     prompts: list[str] = opt([], "prompt file(s) (default: the task's eval.jsonl)")
     data: list[str] = opt([], "data file(s) for perplexity (causal LM) or accuracy / macro-F1 (classifier)")
     ref_model: str = opt("", "reference model for the sequence KL")
@@ -217,36 +387,38 @@ class EvalConfig:
     num_prompts: int = opt(200, "held-out prompts to score (0 = all)")
     num_samples: int = opt(4, "samples per prompt for pass@k (k = 1..num_samples)")
     greedy: bool = opt(True, "also score greedy decoding")
-    rollout: RolloutConfig = sub(RolloutConfig, "sampling")
+    rollout: EvalSamplingConfig = sub(EvalSamplingConfig, "sampling")
     batch_size: int = opt(64, "sequences per forward pass")
     max_length: int = opt(512, "longest sequence for perplexity")
     output: str = opt("", "where to write eval.json (default: MODEL/eval.json)")
     seed: int = opt(0, "sampling seed")
-    dtype: str = opt("auto", "model dtype")
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(ModelLoadKeys):
+    REFUSED: ClassVar[dict[str, str]] = {
+        "rollout.batch_size": "generate answers 64 prompts a call; rollout.generation_batch_size caps a call's sequences",
+    }
+
     model: str = opt("runs/out/final", "model folder or hub id")
     prompt: list[str] = opt([], "prompt text(s)")
     prompts: str = opt("", "file of prompts (jsonl with prompt / messages, or one per line)")
     chat: bool = opt(False, "interactive chat in the terminal")
-    rollout: RolloutConfig = sub(RolloutConfig, "sampling")
+    rollout: GenerateSamplingConfig = sub(GenerateSamplingConfig, "sampling")
     seed: int = opt(0, "sampling seed")
-    dtype: str = opt("auto", "model dtype")
 
 
 @dataclass
 class TinyModelConfig:
     output_dir: str = opt("runs/tiny", "where to write the model and tokenizer")
-    size: str = opt("tiny", "tiny (~1M params), small (~30M params) or base (~120M params, for a GPU)")
+    size: TinySize = opt("tiny", "tiny (~1M params), small (~30M params) or base (~120M params, for a GPU)")
     vocab_size: int = opt(512, "BPE vocabulary size")
     seed: int = opt(0, "init seed")
 
 
 @dataclass
 class TaskConfig:
-    name: str = opt("arithmetic", "arithmetic, sentiment or dialogue")
+    name: TaskName = opt("arithmetic", "arithmetic, sentiment or dialogue")
     output_dir: str = opt("data/task", "where the jsonl files go")
     seed: int = opt(0, "generator seed")
     n_train: int = opt(4000, "training rows (sft, prefs, prompts, classify)")
@@ -258,7 +430,7 @@ class TaskConfig:
 @dataclass
 class DemoConfig:
     output_dir: str = opt("runs/demo", "where every stage writes")
-    task: str = opt("arithmetic", "arithmetic or sentiment")
+    task: DemoTask = opt("arithmetic", "arithmetic or sentiment")
     quick: bool = opt(False, "the same pipeline in under two minutes (for tests)")
     ablation: bool = opt(False, "run the Xu et al. Table 3 PPO ablation instead")
     seed: int = opt(0, "seed for every stage")
@@ -304,8 +476,21 @@ def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown config key `{where}{key}`{hint}")
 
 
+def _choice(value: Any, valid: tuple[str, ...], key: str) -> str:
+    """An enum key's value, or a ConfigError naming the key, the value and the closest valid value."""
+    text = _coerce(value, str, key)
+    if text in valid:
+        return text
+    close = difflib.get_close_matches(text, [v for v in valid if v], n=1, cutoff=0.5)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    shown = ", ".join(v or '"" (none)' for v in valid)
+    raise ConfigError(f"config key `{key}`: unknown value `{text}`{hint} (valid: {shown})")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return _choice(value, typing.get_args(tp), key)
     if origin is list:
         (item,) = typing.get_args(tp)
         if value is None:
@@ -351,17 +536,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+def _build(cls: type, values: dict[str, Any], where: str = "", refused: dict[str, str] | None = None) -> Any:
+    """``cls`` from a nested mapping. ``refused``: the command's keys that other commands take, with what to use
+    instead (a command class's ``REFUSED``)."""
     if not isinstance(values, dict):
         raise ConfigError(f"config section `{where.rstrip('.') or '<root>'}` expects a mapping, got {values!r}")
+    refused = getattr(cls, "REFUSED", {}) if refused is None else refused
     hints, fields = _hints(cls), _fields(cls)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in fields:
+            if f"{where}{key}" in refused:
+                raise ConfigError(f"config key `{where}{key}` is not accepted: {refused[f'{where}{key}']}")
             raise _unknown(str(key), list(fields), where)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{where}{key}.")
+            kwargs[key] = _build(tp, value or {}, f"{where}{key}.", refused)
         else:
             kwargs[key] = _coerce(value, tp, f"{where}{key}")
     return cls(**kwargs)
@@ -418,6 +608,20 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
+def convert(cfg: Any, cls: type, **changes: Any) -> Any:
+    """A ``cls`` holding the values of ``cfg``'s fields of the same name (sections field by field), ``cls``'s
+    defaults for the rest, then ``changes``."""
+    def values(src: Any, target: type) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(target):
+            if hasattr(src, f.name):
+                v = getattr(src, f.name)
+                tp = _hints(target)[f.name]
+                out[f.name] = tp(**values(v, tp)) if dataclasses.is_dataclass(tp) else v
+        return out
+    return cls(**{**values(cfg, cls), **changes})
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -431,6 +635,8 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "|".join(v or '""' for v in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
     if isinstance(tp, types.GenericAlias):

@@ -62,15 +62,10 @@ class RunContext:
 def setup_run(cfg: Any, command: str) -> RunContext:
     """Join the process group, seed everything from ``cfg.seed``, create ``cfg.output_dir``,
     write the resolved ``config.yaml`` (rank 0) and open the metrics logger."""
-    if getattr(cfg, "strategy", "ddp") not in ("ddp", "fsdp"):
-        raise ConfigError(f"`strategy` must be ddp or fsdp, got {cfg.strategy!r}")
-    if getattr(cfg, "strategy", "ddp") == "fsdp":
-        if command in ("ppo", "online-dpo"):
-            raise ConfigError(f"`strategy: fsdp` is for sft, rm and dpo: {command} samples from the policy on each rank "
-                              "on its own, which needs the whole model there; use ddp")
-        if cfg.lora.r > 0:
-            raise ConfigError("`strategy: fsdp` with LoRA is not supported: the adapter is small, use ddp (the frozen "
-                              "base is not sharded either way)")
+    # `strategy` is a key of sft, rm and dpo only: ppo and online-dpo refuse it (config.py)
+    if getattr(cfg, "strategy", "ddp") == "fsdp" and cfg.lora.r > 0:
+        raise ConfigError("`strategy: fsdp` with LoRA is not supported: the adapter is small, use ddp (the frozen "
+                          "base is not sharded either way)")
     dist = init_distributed()
     seed_everything(int(getattr(cfg, "seed", 0)))
     output_dir = Path(cfg.output_dir)

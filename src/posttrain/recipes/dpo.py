@@ -49,7 +49,7 @@ from posttrain.data.collate import shared_pair_length
 from posttrain.engine import contiguous_share, setup_run
 from posttrain.engine.dist import EvalShare, gather_lists
 from posttrain.engine.loop import fit
-from posttrain.losses.dpo import LOSS_TYPES, dpo_loss
+from posttrain.losses.dpo import dpo_loss
 from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context,
                               token_logprobs, token_logprobs_at, unwrap as unwrap_model)
 from posttrain.recipes.common import load_data, prepare_trainable, save_final
@@ -190,8 +190,6 @@ def dpo_evaluate(items: list[dict], collate, loss_fn, batch_size: int, dist=None
 
 
 def check_config(cfg: DPOConfig) -> None:
-    if cfg.loss_type not in LOSS_TYPES:
-        raise ConfigError(f"`loss_type` must be one of {', '.join(LOSS_TYPES)}, got {cfg.loss_type!r}")
     if cfg.beta <= 0:
         raise ConfigError(f"`beta` must be > 0, got {cfg.beta}")
     if not 0.0 <= cfg.label_smoothing < 0.5:

@@ -1,7 +1,8 @@
 """Iterative online DPO: `posttrain online-dpo` (DPO-Iter; Xu et al. 2024, arXiv 2404.10719, Sec. 5).
 
 For round r = 1..`rounds`:
-  1. take `prompts_per_round` prompts (`prompts`, else `data.train`; every prompt once before any repeats);
+  1. take `prompts_per_round` prompts (`prompts`, else `data.train`; the first `data.max_rows` when set; every prompt
+     once before any repeats, in a seeded order, or in file order with `data.shuffle: false`);
   2. sample `samples_per_prompt` completions of each from the current policy (`rollout.Sampler`, `rollout.*`);
   3. score them with `reward.*` (reward model, Python function or built-in verifier);
   4. pair the best with the worst completion of each prompt; a prompt whose samples all score the same
@@ -47,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import ConfigError, OnlineDPOConfig
+from posttrain.config import ConfigError, DPOConfig, OnlineDPOConfig, convert
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
 from posttrain.engine import (Checkpointer, all_reduce_sum, build_optimizer, build_scheduler,
                               contiguous_share, load_checkpoint, resolve_resume, setup_run, total_steps_for, unwrap,
@@ -64,10 +65,12 @@ from posttrain.rollout.sampler import Sampler
 # --------------------------------------------------------------------------- prompts
 
 
-def load_prompts(sources: list[str], cfg: OnlineDPOConfig, tok) -> tuple[list[dict], int]:
-    """Prompt items `{"messages", "input_ids"}`; prompts longer than max_length - rollout.max_new_tokens are
-    dropped and counted."""
+def load_prompts(sources: list[str], cfg: OnlineDPOConfig, tok, limit: int = 0) -> tuple[list[dict], int]:
+    """Prompt items `{"messages", "input_ids"}` of the first `limit` rows (0 = all); prompts longer than
+    max_length - rollout.max_new_tokens are dropped and counted."""
     examples, _ = load_examples(sources, "prompt", fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
+    if limit > 0:
+        examples = examples[:limit]
     budget = cfg.max_length - cfg.rollout.max_new_tokens
     items = [{"messages": ex.prompt, "input_ids": tokenize_prompt(tok, ex.prompt)} for ex in examples]
     kept = [it for it in items if 0 < len(it["input_ids"]) <= budget]
@@ -95,7 +98,7 @@ def round_prompts(prompts: list[dict], cfg: OnlineDPOConfig, r: int) -> list[dic
     for pos in range((r - 1) * per_round, r * per_round):
         epoch, i = divmod(pos, n)
         if epoch not in orders:
-            orders[epoch] = epoch_order(n, shuffle=True, seed=cfg.seed, epoch=epoch)
+            orders[epoch] = epoch_order(n, shuffle=cfg.data.shuffle, seed=cfg.seed, epoch=epoch)
         picked.append(prompts[orders[epoch][i]])
     return picked
 
@@ -177,8 +180,7 @@ class RoundLogger:
 
 def train_round(run, cfg: OnlineDPOConfig, model, tok, pairs: list[dict], reference, r: int, offset: int):
     """Offline DPO on this round's pairs (reference log-probs cached in the items, or `reference` live)."""
-    round_cfg = dataclasses.replace(cfg, num_epochs=float(cfg.epochs_per_round), resume="false",
-                                    save=dataclasses.replace(cfg.save, steps=0))
+    round_cfg = convert(cfg, DPOConfig, num_epochs=float(cfg.epochs_per_round), resume="false")
     scratch = run.output_dir / f".round-{r}"  # where fit would put a checkpoint on a stop signal
     round_run = dataclasses.replace(run, cfg=round_cfg, logger=RoundLogger(run.logger, offset, r),
                                     checkpointer=Checkpointer(scratch, keep=1))
@@ -235,7 +237,7 @@ def main(cfg: OnlineDPOConfig) -> dict:
     tok = load_tokenizer(cfg.model, cfg.data.chat_template)
     device, is_main = run.device, run.dist.is_main
     sources = list(cfg.prompts or cfg.data.train)
-    prompts, dropped = load_prompts(sources, cfg, tok)
+    prompts, dropped = load_prompts(sources, cfg, tok, cfg.data.max_rows)
     if not prompts:
         raise ConfigError(f"no usable prompt in {', '.join(sources)} ({dropped} longer than max_length - rollout.max_new_tokens)")
     task, held_out = None, []
@@ -260,7 +262,7 @@ def main(cfg: OnlineDPOConfig) -> dict:
         if is_main:
             print(f"resumed from {resume_from}: round {start - 1} done, step {step}", flush=True)
     initial = initial_reference(cfg, model, load)
-    model = wrap_model(model, run.dist, cfg.strategy)
+    model = wrap_model(model, run.dist, "ddp")
     sampler = Sampler(unwrap(model), tok, cfg.rollout)
     record: dict = {}
     if task is not None and start == 1:

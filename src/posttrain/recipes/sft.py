@@ -101,8 +101,6 @@ def cls_evaluate(items, cfg, pad_id, device, dist=None):
 
 
 def main(cfg: SFTConfig) -> dict:
-    if cfg.task not in ("causal_lm", "classification"):
-        raise PosttrainError(f"`task` must be causal_lm or classification, got {cfg.task!r}")
     run = setup_run(cfg, "sft")
     tok = load_tokenizer(cfg.model, cfg.data.chat_template)
     device = run.device

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from posttrain.config import ConfigError, RolloutConfig
+from posttrain.config import ConfigError, EvalSamplingConfig, GenerateSamplingConfig, SamplingConfig
 from posttrain.rollout.sampler import RolloutBatch, Sampler, assemble_batch
 
 
@@ -26,7 +26,7 @@ class GenerationBackend(Protocol):
 class VLLMBackend:
     """vLLM in the same process as the trainer (one GPU, colocated). Untested in this repo's CI.
 
-    What it does: maps RolloutConfig to ``vllm.SamplingParams`` (``logprobs=1`` so the sampled
+    What it does: maps the sampling keys to ``vllm.SamplingParams`` (``logprobs=1`` so the sampled
     token's log-prob comes back), samples from token-id prompts, and packs the result into
     the same RolloutBatch as the HF sampler. ``sync_weights`` copies the policy's state dict
     into vLLM's model with ``LLM.apply_model`` (vLLM >= 0.8) after each optimizer step.
@@ -38,7 +38,7 @@ class VLLMBackend:
     vLLM's sampling is not bit-reproducible across batch shapes.
     """
 
-    def __init__(self, model_path: str, tokenizer, rollout_cfg: RolloutConfig, *, dtype: str = "auto",
+    def __init__(self, model_path: str, tokenizer, rollout_cfg: SamplingConfig, *, dtype: str = "auto",
                  gpu_memory_utilization: float = 0.3):
         try:
             import vllm
@@ -85,7 +85,8 @@ class VLLMBackend:
         self.llm.apply_model(lambda m: m.load_weights(state.items()))
 
 
-def build_backend(model, tokenizer, rollout_cfg: RolloutConfig, *, model_path: str = "") -> GenerationBackend:
+def build_backend(model, tokenizer, rollout_cfg: EvalSamplingConfig | GenerateSamplingConfig, *,
+                  model_path: str = "") -> GenerationBackend:
     """``rollout.backend``: ``hf`` -> :class:`Sampler` over ``model``; ``vllm`` -> :class:`VLLMBackend` loading ``model_path``."""
     if rollout_cfg.backend == "hf":
         return Sampler(model, tokenizer, rollout_cfg)

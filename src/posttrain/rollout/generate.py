@@ -19,6 +19,7 @@ from posttrain.config import ConfigError, GenerateConfig
 from posttrain.data import load_examples, tokenize_prompt
 from posttrain.errors import DataError
 from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.rollout.backends import build_backend
 from posttrain.rollout.sampler import Sampler
 
 TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -88,7 +89,7 @@ def main(cfg: GenerateConfig) -> list[list[str]]:
     conversations = read_prompts(cfg)
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, dtype=cfg.dtype, tokenizer=tokenizer)
-    sampler = Sampler(model, tokenizer, cfg.rollout)
+    sampler = build_backend(model, tokenizer, cfg.rollout, model_path=cfg.model)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     if cfg.chat:
         chat(sampler, tokenizer, _stdin_lines(), sys.stdout, generator=generator)
