@@ -434,16 +434,16 @@ def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_len
     common = [f"output_dir={out}", "seed=0", f"dtype={dtype}", f"max_length={max_length}",
               f"gradient_checkpointing={str(p.checkpointing).lower()}",
               f"learning_rate={p.lr}", "lr_scheduler=linear", "warmup_ratio=0", "weight_decay=0",
-              "max_grad_norm=1.0", "grad_accum=1", "resume=false", "logging.progress=false",
+              "max_grad_norm=1.0", "resume=false", "logging.progress=false",
               f"logging.steps={log_every(p)}", "save.steps=0"]
     if p.recipe == "sft":
-        return [*SIDES.posttrain, "sft", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
+        return [*SIDES.posttrain, "sft", f"model={model}", f"data.train={data}", f"max_steps={p.steps}", "grad_accum=1",
                 f"batch_size={p.batch_size}", "loss_on=completion", "packing=true", *common]
     if p.recipe == "rm":
-        return [*SIDES.posttrain, "rm", f"model={rm}", f"data.train={data}", f"max_steps={p.steps}",
+        return [*SIDES.posttrain, "rm", f"model={rm}", f"data.train={data}", f"max_steps={p.steps}", "grad_accum=1",
                 f"batch_size={p.batch_size}", "normalize=false", *common]
     if p.recipe == "dpo":
-        return [*SIDES.posttrain, "dpo", f"model={model}", f"data.train={data}", f"max_steps={p.steps}",
+        return [*SIDES.posttrain, "dpo", f"model={model}", f"data.train={data}", f"max_steps={p.steps}", "grad_accum=1",
                 f"batch_size={p.batch_size}", "beta=0.1", "loss_type=sigmoid", *common]
     mini = p.rollout_batch // p.mini_batches
     return [*SIDES.posttrain, "ppo", f"model={model}", f"prompts={data}", f"reward.model={rm}", "critic_init=reward",

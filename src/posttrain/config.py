@@ -481,7 +481,7 @@ def _choice(value: Any, valid: tuple[str, ...], key: str) -> str:
     text = _coerce(value, str, key)
     if text in valid:
         return text
-    close = difflib.get_close_matches(text, [v for v in valid if v], n=1, cutoff=0.5)
+    close = difflib.get_close_matches(text, [v for v in valid if v], n=1, cutoff=0.6)
     hint = f"; did you mean `{close[0]}`?" if close else ""
     shown = ", ".join(v or '"" (none)' for v in valid)
     raise ConfigError(f"config key `{key}`: unknown value `{text}`{hint} (valid: {shown})")

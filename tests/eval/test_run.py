@@ -116,5 +116,5 @@ def test_bad_config_names_the_key(tiny_model, tmp_path, capsys):
     assert main(["eval", str(tiny_model)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["eval", str(tiny_model), "task=algebra"]) == 2
-    assert "unknown task `algebra`" in capsys.readouterr().err
+    assert "config key `task`: unknown value `algebra`" in capsys.readouterr().err
     assert not (tiny_model / "eval.json").exists()

@@ -114,5 +114,5 @@ def test_differences_are_paired_over_the_same_prompts():
 
 def test_unknown_demo_task_is_rejected(tmp_path, capsys):
     assert main(["demo", "--task", "poetry", f"output_dir={tmp_path}"]) == 2
-    assert "arithmetic or sentiment" in capsys.readouterr().err
+    assert "config key `task`: unknown value `poetry` (valid: arithmetic, sentiment)" in capsys.readouterr().err
     assert DemoConfig().force is False

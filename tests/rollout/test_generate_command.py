@@ -8,7 +8,7 @@ import json
 import pytest
 from rollout_helpers import build_model
 
-from posttrain.config import ConfigError, GenerateConfig, RolloutConfig
+from posttrain.config import ConfigError, GenerateConfig, GenerateSamplingConfig, RolloutConfig
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.rollout import Sampler
 from posttrain.rollout.generate import chat, main, read_prompts
@@ -27,7 +27,7 @@ def test_generate_prints_prompt_and_samples(model_dir, tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "9+9=?"}) + "\n")
     (tmp_path / "p.txt").write_text("hello\n\n")
     cfg = GenerateConfig(model=str(model_dir), prompt=["1+2=?", "abc"], prompts=str(tmp_path / "p.jsonl"),
-                         rollout=RolloutConfig(max_new_tokens=6, samples_per_prompt=2), dtype="float32")
+                         rollout=GenerateSamplingConfig(max_new_tokens=6, samples_per_prompt=2), dtype="float32")
     replies = main(cfg)
     assert len(replies) == 3 and all(len(r) == 2 for r in replies)
     out = capsys.readouterr().out
