@@ -262,7 +262,7 @@ def test_online_dpo_shuffle_off_takes_the_prompts_in_file_order():
 
 
 def test_online_dpo_max_rows_keeps_the_first_prompts(tiny_model, arith_dir, tmp_path, capsys):
-    """data.max_rows=3: the run samples from the file's first 3 prompts only (it said 200 before and used them all)."""
+    """data.max_rows=3: the run samples from the file's first 3 prompts only (it used to read every prompt)."""
     args = ["online-dpo", f"model={tiny_model}", f"prompts={arith_dir / 'prompts.jsonl'}", f"output_dir={tmp_path}",
             "data.max_rows=3", "rounds=1", "prompts_per_round=2", "samples_per_prompt=2", "rollout.max_new_tokens=2",
             "reward.task=arithmetic", "max_length=96", "logging.progress=false"]

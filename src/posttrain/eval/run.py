@@ -21,7 +21,7 @@ For a sequence classifier (the folder's architecture ends in ``ForSequenceClassi
 
 ``eval.json`` (to ``output``, default ``MODEL/eval.json``, written atomically) holds these numbers at the
 top level and, under ``samples``, every prompt with its responses and verdicts. Every generation goes
-through ``rollout.Sampler``.
+through ``rollout.backend`` (``hf``: ``rollout.Sampler``; ``vllm``: ``rollout.VLLMBackend``).
 """
 
 from __future__ import annotations
