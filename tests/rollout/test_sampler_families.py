@@ -44,7 +44,8 @@ def _config(family: str, vocab: int, special: dict):
         return tf.Gemma2ForCausalLM, cfg
     if family == "gemma3":
         cfg = tf.Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=8,
-                                  layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=20.0, **c)
+                                  layer_types=["sliding_attention", "full_attention"],
+                                  final_logit_softcapping=20.0, **c)
         return tf.Gemma3ForCausalLM, cfg
     if family == "phi3":  # Phi-3-mini's own config has a 2047-token window
         return tf.Phi3ForCausalLM, tf.Phi3Config(**COMMON, sliding_window=WINDOW, **c)
