@@ -155,6 +155,17 @@ def _forward_params(model) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
+def _attends_to_full_past(config) -> bool:
+    """Every layer attends to the whole cache: no sliding-window or chunked layers (Mistral, Qwen2 with
+    use_sliding_window, Gemma 2 / 3 have them). Their caches keep only the window's keys, and their masks
+    differ per layer type, so only transformers can build them (a padding mask over the full length fails
+    there); a config that merely might have one is treated as having one, which is only slower."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
+    return (layer_types == {"full_attention"} and not getattr(text, "sliding_window", None)
+            and not getattr(text, "attention_chunk_size", None))
+
+
 class Sampler:
     """KV-cached batched sampler for any HF causal LM; the default generation backend.
 
@@ -236,7 +247,8 @@ class Sampler:
 
     def _mask_kind(self, padded: bool):
         """attn (A, L) -> what a decoding step passes as its attention mask (see `_generate_chunk`)."""
-        if padded and getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+        config = self.model.config
+        if padded and getattr(config, "_attn_implementation", None) == "sdpa" and _attends_to_full_past(config):
             return lambda attn: attn.bool()[:, None, None, :]  # (A, 1, 1, L)
         return lambda attn: attn
 
@@ -263,7 +275,8 @@ class Sampler:
         logits = self._forward(input_ids, attn, position_ids, cache)  # (B, V)
         # A decoding step's query sees every cached position, so its SDPA mask is the padding mask alone: built here
         # as (A, 1, 1, L) bool, it spares transformers' mask construction on every step (the same boolean mask it
-        # would build; without left padding it builds none, and neither does this).
+        # would build; without left padding it builds none, and neither does this). Sliding-window models get the
+        # 2D mask, from which transformers builds each layer type's mask over what that layer's cache holds.
         step_mask = self._mask_kind(bool((attn == 0).any()))
         for t in range(cfg.max_new_tokens):
             scaled = logits / temp
