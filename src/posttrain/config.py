@@ -122,7 +122,9 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the global gradient norm (0 = off)")
     num_epochs: float = opt(1.0, "passes over the training data")
     max_steps: int = opt(0, "optimizer steps; wins over num_epochs when > 0")
-    dtype: str = opt("auto", "auto (bf16 on a GPU that supports it, else float32), float32, bfloat16, float16")
+    dtype: str = opt("auto", "compute and saved precision: auto (bf16 on a CUDA GPU that supports it, else float32), "
+                     "float32, bfloat16, float16. bf16/fp16 train float32 weights and AdamW state under autocast "
+                     "(fp16 with loss scaling); final/ is written in this dtype")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     strategy: str = opt("ddp", "several processes: ddp (each rank holds the whole model) or fsdp (FSDP2: weights, "
                         "gradients and optimizer state sharded over the ranks)")
