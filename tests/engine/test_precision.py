@@ -138,3 +138,17 @@ def test_bf16_ppo_first_ratio_is_one_and_the_ema_moves_by_eta(tiny_model, arith_
         total += int((policy1 != ref0).sum())
     assert total > 0 and moved / total > 0.5
     assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_fp16_trains_float32_weights_with_a_checkpointed_loss_scaler(tiny_model, arith_dir, tmp_path):
+    """float16 compute on the CPU: a GradScaler (its scale in the checkpoint, for resume), float32 master weights in
+    the checkpoint, final/ in float16. The initial scale 2^16 of the first step is kept or halved, never lost."""
+    out = tmp_path / "fp16"
+    assert main(sft_args(tiny_model, arith_dir, out, "dtype=float16", "max_steps=2", "save.steps=1", "logging.steps=1")) == 0
+    state = json.loads((out / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] in (2.0**16, 2.0**15)
+    step = load_file(str(out / "checkpoints" / "step-1" / "model.safetensors"))
+    assert {v.dtype for v in step.values()} == {torch.float32}
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "float16"
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
