@@ -47,7 +47,8 @@ def test_autocast_dtype_is_the_compute_dtype_on_the_cpu_too():
 
 @pytest.fixture(scope="module")
 def sft_runs(tiny_model, arith_dir, tmp_path_factory):
-    """The same 3 SFT steps (a checkpoint after 2) at lr 1e-5 in float32 and in bf16 (float32 master weights under bf16 autocast)."""
+    """The same 3 SFT steps (a checkpoint after 2) at lr 1e-5 in float32 and in bf16 (float32 master weights under
+    bf16 autocast)."""
     root = tmp_path_factory.mktemp("precision-sft")
     for name in ("float32", "bfloat16"):
         assert main(sft_args(tiny_model, arith_dir, root / name, f"dtype={name}")) == 0
@@ -97,19 +98,25 @@ def test_final_is_saved_in_the_asked_dtype_and_reloads(sft_runs):
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def test_bf16_dpo_first_loss_is_log2_with_the_cached_reference(tiny_model, arith_dir, tmp_path):
+@pytest.mark.parametrize("lora", ["0", "4"])
+def test_bf16_dpo_first_loss_is_log2_with_the_cached_reference(tiny_model, arith_dir, tmp_path, lora):
     """Cached reference log-probs under the same autocast as the training forward: at step 1 the policy is the
-    reference, so every margin is 0 and the sigmoid loss is -log sigmoid(0) = log 2 = 0.693147..."""
+    reference, so every margin is 0 and the sigmoid loss is -log sigmoid(0) = log 2 = 0.693147... With LoRA the base
+    stays bf16 and the adapters (B = 0 at the start) are float32; merged/ is written in bf16."""
     rows = (arith_dir / "prefs.jsonl").read_text().splitlines()[:8]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
     out = tmp_path / "dpo"
     assert main(["dpo", f"model={tiny_model}", f"data.train={tmp_path / 'train.jsonl'}", f"output_dir={out}",
                  "batch_size=4", "max_length=64", "max_steps=2", "learning_rate=1e-5", "dtype=bfloat16",
-                 "data.eval_split=0", "logging.progress=false", "logging.steps=1", "resume=false"]) == 0
+                 "data.eval_split=0", "logging.progress=false", "logging.steps=1", "resume=false", f"lora.r={lora}",
+                 "save.merge_lora=true"]) == 0
     first = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r][0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert first[key] == 0.0
+    whole = out / "final" / ("merged" if lora != "0" else "")
+    assert json.loads((whole / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(whole, dtype="auto").dtype == torch.bfloat16
 
 
 def test_bf16_ppo_first_ratio_is_one_and_the_ema_moves_by_eta(tiny_model, arith_dir, tmp_path):

@@ -127,9 +127,9 @@ def fit(
                     progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
             stopping = stop.should_stop(dist)
             if (save_every and step % save_every == 0 and step < n_steps) or stopping:
+                scaling = {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
                 run.checkpointer.save(step, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
-                                      extra={"epoch": epoch, **({"grad_scaler": scaler.state_dict()} if scaler is not None else {})},
-                                      tokenizer=tokenizer)
+                                      extra={"epoch": epoch, **scaling}, tokenizer=tokenizer)
             if stopping:
                 if dist.is_main:
                     progress.write(f"{stop.name or 'signal'}: saved checkpoint at step {step}; resume with resume=auto")
