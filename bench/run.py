@@ -18,8 +18,8 @@ Measurements, the same for both sides:
 - hardware limit: best of a few float32 2048x2048 ``torch.mm`` at the same thread count;
   achieved model FLOP/s = (FLOPs per token, see ``flops_per_token``) x tokens / wall.
 
-``--device cuda`` runs both sides on the GPU in bfloat16 (weights loaded in bf16, bf16 autocast: posttrain
-``dtype=bfloat16``, the peers ``--device cuda``), adds each side's peak GPU memory
+``--device cuda`` runs both sides on the GPU in bfloat16 (bf16 autocast; posttrain ``dtype=bfloat16`` with float32
+master weights, the peers ``--device cuda`` with weights loaded in bf16), adds each side's peak GPU memory
 (``torch.cuda.max_memory_allocated``, judged instead of RSS) and takes the bf16 peak of an 8192^3 matmul as
 the hardware limit. ``--python PY --peer-path DIR --ppo-peer-path DIR`` run posttrain as ``PY -m posttrain``
 and the peers with ``PY`` and DIR in front of ``PYTHONPATH`` instead of the venvs (bench/gpu_check.sh).

@@ -195,7 +195,9 @@ class RewardConfig:
 class ModelLoadKeys:
     """Every command that loads a model: sft, rm, dpo, online-dpo, ppo, eval, generate."""
 
-    dtype: DType = opt("auto", "auto (bf16 on a GPU that supports it, else float32), float32, bfloat16, float16")
+    dtype: DType = opt("auto", "compute and saved precision: auto (bf16 on a CUDA GPU that supports it, else float32), "
+                       "float32, bfloat16, float16. bf16/fp16 train float32 weights and AdamW state under autocast "
+                       "(fp16 with loss scaling); final/ is written in this dtype")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from posttrain.engine.dist import (
 from posttrain.engine.ema import ema_update
 from posttrain.engine.logging import MetricsLogger, Progress, format_metrics, read_metrics
 from posttrain.engine.optim import build_optimizer, build_scheduler, steps_per_epoch, total_steps_for
-from posttrain.engine.run import RunContext, autocast_dtype, seed_everything, setup_run
+from posttrain.engine.run import RunContext, autocast, autocast_dtype, grad_scaler, seed_everything, setup_run
 from posttrain.engine.signals import StopSignal
 from posttrain.engine.step import train_step
 
@@ -35,6 +35,7 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_max",
     "all_reduce_sum",
+    "autocast",
     "autocast_dtype",
     "barrier",
     "broadcast_object",
@@ -43,6 +44,7 @@ __all__ = [
     "contiguous_share",
     "ema_update",
     "format_metrics",
+    "grad_scaler",
     "full_model_state",
     "init_distributed",
     "list_checkpoints",

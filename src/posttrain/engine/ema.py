@@ -14,7 +14,8 @@ def ema_update(target_model: nn.Module, source_model: nn.Module, eta: float) -> 
     """In place: every parameter of ``target_model`` <- eta * source + (1 - eta) * target.
 
     Parameters are matched by name (both models unwrapped from DDP); eta = 0 leaves the target
-    unchanged, eta = 1 copies the source. The blend is done in the target's dtype.
+    unchanged, eta = 1 copies the source. The blend is done in the target's dtype: float32 in a training run
+    (a reference is loaded with `keep_float32`), as in bf16 a step of eta = 1e-3 toward the policy rounds away.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"EMA weight eta must be in [0, 1], got {eta}")

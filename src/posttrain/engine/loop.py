@@ -29,7 +29,7 @@ from posttrain.engine.checkpoint import resolve_resume
 from posttrain.engine.dist import unwrap
 from posttrain.engine.logging import Progress, write_bench_json
 from posttrain.engine.optim import steps_per_epoch, total_steps_for
-from posttrain.engine.run import RunContext, autocast_dtype
+from posttrain.engine.run import RunContext, autocast, autocast_dtype, grad_scaler
 from posttrain.engine.signals import StopSignal
 from posttrain.engine.step import train_step
 
@@ -75,13 +75,16 @@ def fit(
     n_steps = total_steps_for(len(items), cfg, dist.world_size)
     per_epoch = steps_per_epoch(len(items), cfg, dist.world_size)
     step = 0
+    amp = autocast_dtype(cfg, dist.device)
+    scaler = grad_scaler(amp, dist.device)
     resume_from = resolve_resume(cfg.resume, run.output_dir)
     if resume_from is not None:
         state = run.checkpointer.load(resume_from, model=unwrap(model), optimizer=optimizer, scheduler=scheduler)
         step = int(state["step"])
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
         if dist.is_main:
             print(f"resumed from {resume_from} at step {step}", flush=True)
-    amp = autocast_dtype(cfg, dist.device)
     log_every = max(1, int(cfg.logging.steps))
     eval_every = int(cfg.logging.eval_steps) or per_epoch
     save_every = int(cfg.save.steps)
@@ -93,7 +96,7 @@ def fit(
     if evaluate is not None and step == 0:
         # The untrained model's numbers, so every curve starts from the same baseline.
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(amp, dist.device):
             eval_metrics = evaluate(model)
         run.logger.log(eval_metrics, step=0, epoch=0.0)
     with StopSignal() as stop, progress:
@@ -103,7 +106,7 @@ def fit(
             micro = [collate(g) for g in groups if g]
             model.train()
             metrics = train_step(model, micro, loss_fn, optimizer, scheduler, max_grad_norm=float(cfg.max_grad_norm),
-                                 dist=dist, count_fn=count_fn, autocast_dtype=amp, step=step + 1)
+                                 dist=dist, count_fn=count_fn, autocast_dtype=amp, scaler=scaler, step=step + 1)
             step += 1
             step_tokens = sum(tokens_fn(b) for b in micro) * dist.world_size
             window_tokens += step_tokens
@@ -117,15 +120,16 @@ def fit(
                 last = run.logger.log(metrics, step=step, epoch=step / per_epoch)
             if evaluate is not None and (step % eval_every == 0 or step == n_steps):
                 model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), autocast(amp, dist.device):
                     eval_metrics = evaluate(model)
                 run.logger.log(eval_metrics, step=step, epoch=step / per_epoch)
                 if dist.is_main:
                     progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
             stopping = stop.should_stop(dist)
             if (save_every and step % save_every == 0 and step < n_steps) or stopping:
+                scaling = {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
                 run.checkpointer.save(step, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
-                                      extra={"epoch": epoch}, tokenizer=tokenizer)
+                                      extra={"epoch": epoch, **scaling}, tokenizer=tokenizer)
             if stopping:
                 if dist.is_main:
                     progress.write(f"{stop.name or 'signal'}: saved checkpoint at step {step}; resume with resume=auto")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from posttrain.config import ConfigError, save_config, to_dict
 from posttrain.engine.checkpoint import Checkpointer
 from posttrain.engine.dist import DistInfo, barrier, destroy, init_distributed
 from posttrain.engine.logging import MetricsLogger
+from posttrain.models.load import resolve_dtype
 
 
 def seed_everything(seed: int) -> None:
@@ -25,19 +27,22 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast_dtype(cfg: Any, device: torch.device) -> torch.dtype | None:
-    """Mixed-precision compute dtype for ``torch.autocast``: only on CUDA.
+    """The compute dtype every forward runs under (``torch.autocast``), on a GPU and on the CPU alike, or None for
+    float32 (no autocast). ``dtype``: ``auto`` -> bfloat16 on a CUDA GPU that supports it, else float32;
+    ``bfloat16`` / ``float16`` as named (float16 trains with a ``grad_scaler``). The weights of trained and compared
+    models stay float32 (``models.weights_dtype``), so bf16 is the arithmetic, never the storage of an update."""
+    dtype = resolve_dtype(getattr(cfg, "dtype", "auto"), device)
+    return None if dtype in (torch.float32, torch.float64) else dtype
 
-    ``auto`` and ``bfloat16`` -> bfloat16 where the GPU supports it; ``float16`` -> float16
-    (use a ``torch.amp.GradScaler`` with it); ``float32`` or a CPU -> None (no autocast).
-    """
-    if device.type != "cuda":
-        return None
-    name = str(getattr(cfg, "dtype", "auto"))
-    if name in ("auto", "bfloat16"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else (torch.float16 if name == "bfloat16" else None)
-    if name == "float16":
-        return torch.float16
-    return None
+
+def autocast(amp: torch.dtype | None, device: torch.device):
+    """``torch.autocast(device, amp)``, or nothing for ``amp=None``."""
+    return torch.autocast(device_type=device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def grad_scaler(amp: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """A loss scaler for float16 compute (its 5 exponent bits underflow small gradients); None otherwise."""
+    return torch.amp.GradScaler(device.type) if amp == torch.float16 else None
 
 
 @dataclass

@@ -5,6 +5,7 @@ from posttrain.models.adapt import (
     apply_lora,
     is_peft_model,
     reference_context,
+    save_model,
     save_pretrained_atomic,
     transformer_blocks,
 )
@@ -28,6 +29,7 @@ from posttrain.models.load import (
     load_sequence_classifier,
     load_tokenizer,
     resolve_dtype,
+    weights_dtype,
 )
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "position_ids_from_mask",
     "reference_context",
     "resolve_dtype",
+    "save_model",
     "save_pretrained_atomic",
     "sequence_scores",
     "sequence_scores_at",
@@ -54,4 +57,5 @@ __all__ = [
     "token_values",
     "transformer_blocks",
     "unwrap",
+    "weights_dtype",
 ]

@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from posttrain.config import ConfigError, FreezeConfig, LoraConfig
@@ -46,6 +47,8 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, task_type: str = "causal_
     task_type: `causal_lm` or `seq_cls` (also `classification`, `reward`, `critic`). For a
     sequence classifier the (usually new) `score` head is fully trained and saved through
     `modules_to_save`: a random head cannot be expressed as a low-rank update.
+    Whatever the base model's dtype, the trainable parameters (adapters, the head's trained copy) are
+    float32: the base stays frozen in the compute dtype, and AdamW updates float32 weights only.
     """
     if lora_cfg.r <= 0:
         return model
@@ -72,7 +75,11 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, task_type: str = "causal_
         task_type=peft_task,
         modules_to_save=modules_to_save,
     )
-    return get_peft_model(model, peft_cfg)
+    model = get_peft_model(model, peft_cfg)
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 @contextlib.contextmanager
@@ -138,15 +145,47 @@ def apply_freeze(model: nn.Module, freeze_cfg: FreezeConfig) -> nn.Module:
     return model
 
 
-def _write(model: nn.Module, tokenizer, folder: Path, merge_lora: bool, state_dict: dict | None = None) -> None:
-    model.save_pretrained(str(folder), safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+def _cast_state(model: nn.Module, state_dict: dict | None, dtype: torch.dtype) -> dict:
+    """The model's weights (or `state_dict`) with floating tensors in `dtype`, on the CPU (where they are written
+    from anyway; no second copy on the accelerator). A tied parameter (lm_head = embeddings) is kept under its
+    first name only, as `save_pretrained` stores it: after the cast the two names no longer share memory."""
+    state = state_dict if state_dict is not None else model.state_dict()
+    seen, out = set(), {}
+    for name, value in state.items():
+        if state_dict is None and value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        out[name] = value.detach().to(device="cpu", dtype=dtype) if value.is_floating_point() else value
+    return out
+
+
+def save_model(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = None, state_dict: dict | None = None) -> None:
+    """`save_pretrained` of the model, its weights and config.json's `dtype` in `dtype` (None: as held).
+
+    A PEFT adapter keeps its float32 weights (the PEFT convention; it loads onto a base of any dtype): only a
+    whole model is cast."""
+    if dtype is None or is_peft_model(model):
+        model.save_pretrained(str(folder), safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
+        return
+    model.save_pretrained(str(folder), safe_serialization=True, state_dict=_cast_state(model, state_dict, dtype))
+    # save_pretrained writes the dtype the parameters are held in (float32 master weights); the file says what it holds
+    config, held = model.config, model.config.dtype
+    config.dtype = dtype
+    config.save_pretrained(str(folder))
+    config.dtype = held
+
+
+def _write(model: nn.Module, tokenizer, folder: Path, merge_lora: bool, state_dict: dict | None = None,
+           dtype: torch.dtype | None = None) -> None:
+    save_model(model, folder, dtype=dtype, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     if merge_lora and is_peft_model(model):
         # merge_and_unload folds B @ A into the base weights in place; work on a copy so the
         # caller's model keeps its adapter (it may go on training).
         merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(str(folder / "merged"), safe_serialization=True)
+        save_model(merged.to(dtype) if dtype is not None else merged, folder / "merged")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder / "merged"))
 
@@ -158,13 +197,15 @@ def save_pretrained_atomic(
     merge_lora: bool = False,
     extra: Callable[[Path], None] | None = None,
     state_dict: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a loadable HF folder to `out_dir` so that a crash never leaves a half-written one.
 
     Everything goes to a temporary sibling folder first (weights, tokenizer, the merged model
     under `merged/` with `merge_lora` and LoRA, then whatever `extra(tmp_dir)` writes); only a
     complete folder is renamed onto `out_dir`. An existing `out_dir` is replaced. `state_dict`: the weights to
-    write instead of the model's own (an FSDP2-sharded model's gathered `engine.full_model_state`).
+    write instead of the model's own (an FSDP2-sharded model's gathered `engine.full_model_state`). `dtype`: the
+    precision the weights are written in (the run's `dtype`; training holds float32 master weights), None: as held.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +214,7 @@ def save_pretrained_atomic(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write(model, tokenizer, tmp, merge_lora, state_dict)
+        _write(model, tokenizer, tmp, merge_lora, state_dict, dtype)
         if extra is not None:
             extra(tmp)
         if out.exists():

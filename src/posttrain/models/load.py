@@ -46,7 +46,8 @@ def default_device() -> torch.device:
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
-    """`auto` -> bfloat16 on a CUDA GPU that supports it, else float32; or an explicit name."""
+    """The compute and saved precision a `dtype` key names (README, "Precision"): `auto` -> bfloat16 on a CUDA GPU
+    that supports it, else float32; or an explicit name."""
     if isinstance(name, torch.dtype):
         return name
     key = str(name).lower().removeprefix("torch.")
@@ -175,6 +176,16 @@ def _finish(model, tokenizer, device, gradient_checkpointing: bool):
     return model.to(device)
 
 
+def weights_dtype(dtype: str | torch.dtype, device: torch.device, keep_float32: bool) -> torch.dtype:
+    """The dtype parameters are held in: float32 with `keep_float32`, else the compute dtype.
+
+    A model that is trained keeps float32 weights (AdamW's update of a bf16 weight of 0.02 rounds away below
+    ~6e-5, its rounding step being ~1.2e-4), and so does a frozen model compared with it (a reference, an EMA),
+    so that both run the same arithmetic; the compute precision then comes from autocast (`engine.autocast_dtype`).
+    """
+    return torch.float32 if keep_float32 else resolve_dtype(dtype, device)
+
+
 def load_causal_lm(
     path: str | Path,
     *,
@@ -183,15 +194,17 @@ def load_causal_lm(
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
     tokenizer=None,
+    keep_float32: bool = False,
 ):
     """AutoModelForCausalLM from a hub id or folder; SDPA attention unless told otherwise.
 
     Pass the tokenizer from `load_tokenizer` so added tokens get embedding rows and the config's
-    pad / eos ids match it.
+    pad / eos ids match it. `keep_float32`: hold the weights in float32 whatever `dtype` says (a model to train
+    or to compare with one, `weights_dtype`); without it they are loaded in `dtype`.
     """
     device = torch.device(device) if device is not None else default_device()
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation or "sdpa"
+        str(path), dtype=weights_dtype(dtype, device, keep_float32), attn_implementation=attn_implementation or "sdpa"
     )
     return _finish(model, tokenizer, device, gradient_checkpointing)
 
@@ -206,12 +219,13 @@ def load_sequence_classifier(
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
     tokenizer=None,
+    keep_float32: bool = False,
 ):
     """AutoModelForSequenceClassification; a causal-LM folder gets a new randomly initialised head.
 
     `num_labels=1` is a reward model / critic. The head reads the last non-pad token, which
     transformers finds through `config.pad_token_id`, so it is always set (from `tokenizer`, or
-    from the folder's own tokenizer when not given).
+    from the folder's own tokenizer when not given). `keep_float32` as in `load_causal_lm`.
     """
     device = torch.device(device) if device is not None else default_device()
     config = AutoConfig.from_pretrained(str(path))
@@ -228,7 +242,8 @@ def load_sequence_classifier(
         tokenizer = load_tokenizer(path)
     # The pad id may be a token the tokenizer just added; `_finish` sets it after the resize.
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), config=config, dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation or "sdpa"
+        str(path), config=config, dtype=weights_dtype(dtype, device, keep_float32),
+        attn_implementation=attn_implementation or "sdpa",
     )
     return _finish(model, tokenizer, device, gradient_checkpointing)
 

@@ -14,7 +14,7 @@ from posttrain.data import DataStats, label_maps, load_examples, tokenize_exampl
 from posttrain.engine import RunContext, build_optimizer, build_scheduler, full_model_state, unwrap, wrap_model
 from posttrain.engine import total_steps_for
 from posttrain.errors import DataError
-from posttrain.models import apply_freeze, apply_lora, count_parameters, save_pretrained_atomic
+from posttrain.models import apply_freeze, apply_lora, count_parameters, resolve_dtype, save_pretrained_atomic
 
 
 @dataclass
@@ -75,5 +75,5 @@ def save_final(run: RunContext, cfg: Any, model: nn.Module, tok: Any) -> None:
     state = full_model_state(model)
     if run.dist.is_main:
         out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
-                                     state_dict=state)
+                                     state_dict=state, dtype=resolve_dtype(cfg.dtype, run.device))
         print(f"saved {out}", flush=True)

@@ -50,12 +50,13 @@ import torch
 
 from posttrain.config import ConfigError, DPOConfig, OnlineDPOConfig, convert
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
-from posttrain.engine import (Checkpointer, all_reduce_sum, build_optimizer, build_scheduler,
+from posttrain.engine import (Checkpointer, all_reduce_sum, autocast_dtype, build_optimizer, build_scheduler,
                               contiguous_share, load_checkpoint, resolve_resume, setup_run, total_steps_for, unwrap,
                               wrap_model)
 from posttrain.engine.dist import gather_lists
 from posttrain.engine.loop import fit
-from posttrain.models import apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, save_pretrained_atomic
+from posttrain.models import (apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer,
+                              resolve_dtype, save_pretrained_atomic)
 from posttrain.recipes.dpo import (adapter_free_reference, cache_reference, check_config, collate_dpo, dpo_objective,
                                    frozen_reference)
 from posttrain.rewards import build_reward
@@ -247,9 +248,10 @@ def main(cfg: OnlineDPOConfig) -> dict:
         task = get_task(cfg.eval_task)
         held_out = load_prompts(eval_file(cfg, sources), cfg, tok)[0][: cfg.eval_prompts]
     reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
-    load = lambda path: disable_dropout(load_causal_lm(path, dtype=cfg.dtype, device=device, tokenizer=tok,  # noqa: E731
-                                                       gradient_checkpointing=cfg.gradient_checkpointing))
-    model = apply_lora(apply_freeze(load(cfg.model), cfg.freeze), cfg.lora, "causal_lm")
+    load = lambda path, keep_float32=True: disable_dropout(load_causal_lm(  # noqa: E731 - a reference: float32
+        path, dtype=cfg.dtype, device=device, tokenizer=tok, gradient_checkpointing=cfg.gradient_checkpointing,
+        keep_float32=keep_float32))
+    model = apply_lora(apply_freeze(load(cfg.model, cfg.lora.r <= 0), cfg.freeze), cfg.lora, "causal_lm")
     trainable, total = count_parameters(model)
     if is_main:
         print(f"prompts: {len(prompts)} ({dropped} too long); model: {total / 1e6:.2f}M parameters, "
@@ -263,7 +265,8 @@ def main(cfg: OnlineDPOConfig) -> dict:
             print(f"resumed from {resume_from}: round {start - 1} done, step {step}", flush=True)
     initial = initial_reference(cfg, model, load)
     model = wrap_model(model, run.dist, "ddp")
-    sampler = Sampler(unwrap(model), tok, cfg.rollout)
+    amp = autocast_dtype(cfg, device)
+    sampler = Sampler(unwrap(model), tok, cfg.rollout, amp=amp)
     record: dict = {}
     if task is not None and start == 1:
         record = run.logger.log({"round": 0, "eval_gold_reward": gold_reward(sampler, tok, task, held_out, run.dist)}, step=0)
@@ -276,7 +279,7 @@ def main(cfg: OnlineDPOConfig) -> dict:
         if stats["pairs"]:
             reference = round_reference(cfg, r, model, initial)
             if cfg.precompute_ref:
-                cache_reference(pairs, reference, tok.pad_token_id, device, cfg.batch_size)
+                cache_reference(pairs, reference, tok.pad_token_id, device, cfg.batch_size, amp=amp)
             pairs = gather_pairs(pairs, run.dist)
             result = train_round(run, cfg, model, tok, pairs, None if cfg.precompute_ref else reference, r, step)
             if result.stopped:
@@ -296,7 +299,8 @@ def main(cfg: OnlineDPOConfig) -> dict:
         run.checkpointer.save(step, model=unwrap(model), extra={"round": r}, tokenizer=tok)
 
     if is_main:
-        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
+        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
+                                     dtype=resolve_dtype(cfg.dtype, device))
         print(f"saved {out}", flush=True)
     run.close()
     return {"round": cfg.rounds, "step": step, "stopped": False,

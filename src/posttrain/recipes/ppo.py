@@ -63,7 +63,7 @@ from torch import nn
 from posttrain.config import ConfigError, PPOConfig
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
 from posttrain.engine import (Progress, StopSignal, all_reduce_sum, autocast_dtype, build_scheduler, contiguous_share,
-                              ema_update, resolve_resume, setup_run, train_step, wrap_model)
+                              ema_update, grad_scaler, resolve_resume, setup_run, train_step, wrap_model)
 from posttrain.engine.dist import DistInfo
 from posttrain.engine.logging import write_bench_json
 from posttrain.engine.optim import adamw, param_groups
@@ -71,7 +71,8 @@ from posttrain.losses import (AdaptiveKLController, FixedKLController, gae_advan
                               kl_estimate, masked_whiten, per_token_rewards, policy_loss, reinforce_pp_returns,
                               rloo_advantages, value_loss)
 from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_causal_lm, load_sequence_classifier,
-                              load_tokenizer, reference_context, save_pretrained_atomic, token_logprobs, token_values)
+                              load_tokenizer, reference_context, resolve_dtype, save_model, save_pretrained_atomic,
+                              token_logprobs, token_values)
 from posttrain.rewards import build_reward, prompt_text
 from posttrain.rewards.model import reward_folder
 from posttrain.rollout.sampler import Sampler
@@ -157,7 +158,8 @@ class Models:
 
 def load_models(cfg: PPOConfig, tok, device) -> Models:
     policy = disable_dropout(load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, tokenizer=tok,
-                                            gradient_checkpointing=cfg.gradient_checkpointing))
+                                            gradient_checkpointing=cfg.gradient_checkpointing,
+                                            keep_float32=cfg.lora.r <= 0))  # the EMA reference is a float32 copy
     ref = None
     if cfg.lora.r <= 0:
         ref = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -171,7 +173,7 @@ def load_models(cfg: PPOConfig, tok, device) -> Models:
         if init == "reward" and load_tokenizer(path).get_vocab() != load_tokenizer(cfg.model).get_vocab():
             raise ConfigError(f"`critic_init: reward`: {path} has a different tokenizer from the policy; use critic_init=policy")
         critic = load_sequence_classifier(path, num_labels=1, dtype=cfg.dtype, device=device, tokenizer=tok,
-                                          gradient_checkpointing=cfg.gradient_checkpointing)
+                                          gradient_checkpointing=cfg.gradient_checkpointing, keep_float32=cfg.lora.r <= 0)
         if init == "policy":
             # A new value head starts at V = 0 rather than at random values: the first advantages are then the
             # (whitened) returns themselves, not returns minus noise, until the critic has learned something.
@@ -351,7 +353,8 @@ def ppo_loss_fn(cfg: PPOConfig, kl_coef: float):
     return loss_fn
 
 
-def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, scheduler, kl_coef, generator) -> dict:
+def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, scheduler, kl_coef, generator,
+               scaler=None) -> dict:
     """ppo_epochs passes over shuffled minibatches; one train_step (+ reference EMA) per minibatch."""
     loss_fn, amp = ppo_loss_fn(cfg, kl_coef), autocast_dtype(cfg, run.device)
     n, sums, steps = exp.mask.shape[0], {}, 0  # this rank's rows
@@ -362,7 +365,7 @@ def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, 
             rows = order[start: start + per_rank]
             micro = [exp.rows(rows[i: i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
             metrics = train_step(trainable, micro, loss_fn, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
-                                 dist=run.dist, count_fn=lambda m: int(m.mask.sum()), autocast_dtype=amp)
+                                 dist=run.dist, count_fn=lambda m: int(m.mask.sum()), autocast_dtype=amp, scaler=scaler)
             if cfg.ref_ema > 0:
                 ema_update(models.ref, models.policy, cfg.ref_ema)
             for k, v in metrics.items():
@@ -426,11 +429,14 @@ def log_iteration(run, cfg: PPOConfig, iteration: int, last: bool, metrics: dict
 
 def save_final(run, cfg: PPOConfig, models: Models, tok) -> None:
     """final/ = the policy's HF folder, final/critic/ = the critic's."""
+    dtype = resolve_dtype(cfg.dtype, run.device)
+
     def save_critic(folder: Path) -> None:
         if models.critic is not None:
-            models.critic.save_pretrained(str(folder / "critic"))
+            save_model(models.critic, folder / "critic", dtype=dtype)
 
-    out = save_pretrained_atomic(models.policy, tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora, extra=save_critic)
+    out = save_pretrained_atomic(models.policy, tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora, extra=save_critic,
+                                 dtype=dtype)
     print(f"saved {out}", flush=True)
 
 
@@ -443,13 +449,13 @@ def main(cfg: PPOConfig) -> dict:
     prompts, task, held_out = load_inputs(cfg, tok)
     models = load_models(cfg, tok, device)
     reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
-    sampler = Sampler(models.policy, tok, cfg.rollout)
+    sampler = Sampler(models.policy, tok, cfg.rollout, amp=amp)
 
     learners = {"policy": models.policy, **({"critic": models.critic} if models.critic is not None else {})}
     state = nn.ModuleDict({**learners, **({"ref": models.ref} if cfg.ref_ema > 0 else {})})  # what a checkpoint holds
     # each one DistributedDataParallel over several processes (as is, on one); the sampler uses the bare policy
     trainable = nn.ModuleDict({name: wrap_model(m, run.dist, "ddp") for name, m in learners.items()})
-    optimizer = build_ppo_optimizer(cfg, models)
+    optimizer, scaler = build_ppo_optimizer(cfg, models), grad_scaler(amp, device)
     n_iterations = cfg.total_episodes // cfg.rollout.batch_size
     steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.rollout.batch_size / cfg.mini_batch_size)
     scheduler = build_scheduler(optimizer, cfg, n_iterations * steps_per_iteration)
@@ -461,6 +467,8 @@ def main(cfg: PPOConfig) -> dict:
     if resume_from is not None:
         saved = run.checkpointer.load(resume_from, model=state, optimizer=optimizer, scheduler=scheduler)
         iteration, kl_ctl.value = int(saved["step"]), float(saved["kl_coef"])
+        if scaler is not None and "grad_scaler" in saved:
+            scaler.load_state_dict(saved["grad_scaler"])
         if run.dist.is_main:
             print(f"resumed from {resume_from} at iteration {iteration}", flush=True)
     elif task is not None:
@@ -480,7 +488,8 @@ def main(cfg: PPOConfig) -> dict:
                                              sampled_logp=batch.logprobs if amp is None else None, dist=run.dist)
             t1 = time.perf_counter()
             tokens += int(batch.attention_mask.sum())
-            train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator)
+            train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator,
+                                     scaler)
             kl_ctl.update(exp_stats["objective/kl"], cfg.rollout.batch_size)
             iteration += 1
             metrics = {**stats, **exp_stats, **train_stats, "rollout/seconds": t1 - t0,
@@ -491,7 +500,8 @@ def main(cfg: PPOConfig) -> dict:
             stopping = stop.should_stop(run.dist)
             if (cfg.save.steps and iteration % cfg.save.steps == 0 and iteration < n_iterations) or stopping:
                 run.checkpointer.save(iteration, model=state, optimizer=optimizer, scheduler=scheduler,
-                                      extra={"kl_coef": kl_ctl.value})
+                                      extra={"kl_coef": kl_ctl.value,
+                                             **({"grad_scaler": scaler.state_dict()} if scaler is not None else {})})
             if stopping:
                 progress.write(f"{stop.name or 'signal'}: saved checkpoint at iteration {iteration}; resume with resume=auto")
                 run.close()

@@ -48,8 +48,8 @@ from posttrain.engine import contiguous_share, full_model_state, setup_run, unwr
 from posttrain.engine.dist import EvalShare, gather_lists, is_fsdp
 from posttrain.engine.loop import fit
 from posttrain.losses import bradley_terry_loss
-from posttrain.models import (load_sequence_classifier, load_tokenizer, save_pretrained_atomic, sequence_scores,
-                              sequence_scores_at)
+from posttrain.models import (load_sequence_classifier, load_tokenizer, resolve_dtype, save_pretrained_atomic,
+                              sequence_scores, sequence_scores_at)
 from posttrain.models import unwrap as base_model
 from posttrain.recipes.common import load_data, prepare_trainable
 
@@ -179,7 +179,7 @@ def main(cfg: RMConfig) -> dict:
     device = run.device
     data = load_data(cfg, tok, "preference", verbose=run.dist.is_main)
     model = load_sequence_classifier(cfg.model, num_labels=1, dtype=cfg.dtype, device=device, tokenizer=tok,
-                                     gradient_checkpointing=cfg.gradient_checkpointing)
+                                     gradient_checkpointing=cfg.gradient_checkpointing, keep_float32=cfg.lora.r <= 0)
 
     # Pairs only: one row per pair where the attention takes a custom mask, else chosen rows then rejected rows.
     # Any K-way ranking: every item as a ranking.
@@ -206,7 +206,7 @@ def main(cfg: RMConfig) -> dict:
         state = full_model_state(model)  # FSDP2: gathered from the shards on every rank; else None
         if run.dist.is_main:
             out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
-                                         state_dict=state)
+                                         state_dict=state, dtype=resolve_dtype(cfg.dtype, device))
             print(f"saved {out}" + (f" (reward bias {norm['normalize/bias']:.4g}, scale {norm['normalize/scale']:.4g})"
                                     if norm else ""), flush=True)
     run.close()

@@ -107,7 +107,7 @@ def main(cfg: SFTConfig) -> dict:
 
     if cfg.task == "causal_lm":
         data = load_data(cfg, tok, "sft", loss_on=cfg.loss_on, verbose=run.dist.is_main)
-        model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, tokenizer=tok,
+        model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, tokenizer=tok, keep_float32=cfg.lora.r <= 0,
                                gradient_checkpointing=cfg.gradient_checkpointing)
         task_type = "causal_lm"
         collate = lm_batches(data.train, cfg, tok.pad_token_id, device)
@@ -123,7 +123,8 @@ def main(cfg: SFTConfig) -> dict:
                                  f"{sorted(data.id2label.values())}")
         names = [data.id2label.get(i, str(i)) for i in range(num_labels)]
         model = load_sequence_classifier(cfg.model, num_labels=num_labels, id2label=names, dtype=cfg.dtype,
-                                         device=device, tokenizer=tok, gradient_checkpointing=cfg.gradient_checkpointing)
+                                         device=device, tokenizer=tok, gradient_checkpointing=cfg.gradient_checkpointing,
+                                         keep_float32=cfg.lora.r <= 0)
         task_type = "seq_cls"
         collate = lambda g: collate_classification(g, tok.pad_token_id).to(device)  # noqa: E731
         loss_fn = cls_loss

@@ -25,6 +25,7 @@ batch would give them, so a rollout split over ranks is the one-process rollout 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -172,11 +173,14 @@ class Sampler:
     ``generate`` puts the model in eval mode under inference_mode and restores its previous mode.
     ``rollout_cfg.temperature <= 0`` means greedy decoding. Log-probs are always taken at
     ``rollout_cfg.temperature`` (at 1 when it is <= 0), greedy or not. ``drop_finished=False`` keeps
-    finished rows in the batch (same samples, more compute; kept for the tests that prove it).
+    finished rows in the batch (same samples, more compute; kept for the tests that prove it). ``amp``: the
+    autocast dtype the forwards run under (a training run's `engine.autocast_dtype`; its weights are float32).
     """
 
-    def __init__(self, model, tokenizer, rollout_cfg: RolloutConfig | None = None, *, drop_finished: bool = True):
+    def __init__(self, model, tokenizer, rollout_cfg: RolloutConfig | None = None, *, drop_finished: bool = True,
+                 amp: torch.dtype | None = None):
         self.model = model
+        self.amp = amp
         self.cfg = rollout_cfg or RolloutConfig()
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
@@ -221,7 +225,8 @@ class Sampler:
         try:
             # inference_mode, not no_grad: no version counters or view tracking, ~10% less per-token overhead on
             # a small model; the tensors it makes are only read after (assemble_batch copies them into new ones)
-            with torch.inference_mode():
+            cast = torch.autocast(self._device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+            with torch.inference_mode(), cast:
                 for start in range(0, len(prompt_index), chunk):
                     rows = [prompts[i] for i in prompt_index[start:start + chunk]]
                     draw = (row_offset + start, total_rows) if total_rows > len(prompt_index) else None
