@@ -179,6 +179,15 @@ def _logprobs_from_own_logits(logits: torch.Tensor, targets: torch.Tensor, tempe
     return (logp, entropy_from_logits(logits).float()) if return_entropy else logp
 
 
+def takes_custom_mask(model: nn.Module) -> bool:
+    """Whether a custom (B, 1, L, L) mask (`data.SharedPromptPairs`) gives each token its own row's context: the
+    attention must take a mask (SDPA, eager), and the model must have no sliding window, which transformers adds
+    to the masks it builds but not to one it is given."""
+    config = unwrap(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config._attn_implementation in ("sdpa", "eager") and getattr(text, "sliding_window", None) is None
+
+
 def _custom_mask(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
     """A custom (B, 1, L, L) bool mask (True = may attend) in the form the attention takes: eager attention adds
     its mask to the scores, so it gets the additive form."""
