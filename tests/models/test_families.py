@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from families import FAMILIES, NAMES, WINDOW
+from families import FAMILIES, NAMES, WINDOW, build_family
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification, PhiConfig, PhiForCausalLM
 
@@ -234,10 +234,60 @@ def test_self_check_catches_a_head_it_does_not_know(tmp_path, capsys):
     torch.testing.assert_close(got[valid].double(), want[valid], rtol=0, atol=1e-5)
     assert capsys.readouterr().out.count("PhiForCausalLM's logits are not lm_head(hidden)") <= 1
 
-    granite = PhiForCausalLM  # keep names distinct from the Phi model above
-    del granite
-    from families import build_family
-
-    path = build_family("granite", tmp_path / "granite")
-    model = load_causal_lm(path, dtype=torch.float32, device="cpu").eval()
+    model = load_causal_lm(build_family("granite", tmp_path / "granite"), dtype=torch.float32, device="cpu").eval()
     assert _agrees(model, LogitHead(scale=0.25)) and not _agrees(model, LogitHead())
+
+
+# ---------------------------------------------------------------------------------------------- commands
+COMMON = ["logging.progress=false", "dtype=float32", "max_length=64", "batch_size=4"]
+ROLLOUT = ["rollout.max_new_tokens=6", "reward.task=arithmetic", "learning_rate=1e-4"]
+
+
+def command(name, cmd, model, data, out):
+    """The command line of `cmd` on a family's model: two optimizer steps, or one tiny RL iteration / round."""
+    arith, senti = data
+    return {
+        "sft": ["sft", f"model={model}", f"data.train={arith / 'sft.jsonl'}", "max_steps=2", *COMMON],
+        "sft-classification": ["sft", f"model={model}", "task=classification", f"data.train={senti / 'classify.jsonl'}",
+                               "max_steps=2", *COMMON],
+        "rm": ["rm", f"model={model}", f"data.train={arith / 'prefs.jsonl'}", "max_steps=2", *COMMON],
+        "dpo": ["dpo", f"model={model}", f"data.train={arith / 'prefs.jsonl'}", "max_steps=2", *COMMON],
+        "online-dpo": ["online-dpo", f"model={model}", f"prompts={arith / 'prompts.jsonl'}", "rounds=1",
+                       "prompts_per_round=4", "samples_per_prompt=2", *ROLLOUT, *COMMON],
+        "ppo": ["ppo", f"model={model}", f"prompts={arith / 'prompts.jsonl'}", "critic_init=policy",
+                "rollout.batch_size=4", "total_episodes=4", "mini_batch_size=4", "ppo_epochs=1", *ROLLOUT, *COMMON],
+        "grpo": ["ppo", f"model={model}", f"prompts={arith / 'prompts.jsonl'}", "advantage_estimator=grpo",
+                 "rollout.samples_per_prompt=4", "rollout.batch_size=8", "total_episodes=8", "mini_batch_size=4",
+                 "ppo_epochs=1", *ROLLOUT, *COMMON],
+        "generate": ["generate", str(model), "prompt=What is 12 + 7? Answer with one number, please.",
+                     "rollout.max_new_tokens=6", "dtype=float32"],
+    }[cmd] + ([] if cmd == "generate" else [f"output_dir={out}"])
+
+
+NO_CLASSIFIER = "transformers has no sequence classifier for this family (a known limit)"
+SDPA_FORCED = "load.py forces SDPA, which Gemma 2 refuses: attn_implementation per family (issue 12, attention part)"
+NEEDS_CLASSIFIER = ("sft-classification", "rm", "ppo")
+KNOWN = {(fam, cmd): NO_CLASSIFIER for fam in ("granite", "cohere") for cmd in NEEDS_CLASSIFIER}
+KNOWN.update({("gemma2", cmd): SDPA_FORCED for cmd in
+              ("sft", "sft-classification", "rm", "dpo", "online-dpo", "ppo", "grpo", "generate")})
+SAMPLER_WINDOW = "the sampler crashes on left-padded prompts longer than the sliding window (rollout/sampler.py fix, issue 12)"
+KNOWN.update({(fam, cmd): SAMPLER_WINDOW for fam in ("mistral", "gemma3") for cmd in ("online-dpo", "ppo", "grpo", "generate")})
+COMMANDS = ["sft", "sft-classification", "rm", "dpo", "online-dpo", "ppo", "grpo", "generate"]
+
+
+def matrix():
+    for fam in NAMES:
+        for cmd in COMMANDS:
+            marks = [pytest.mark.slow]
+            if (fam, cmd) in KNOWN:
+                # strict for the lasting limit; the others pass once the fixes they name are merged
+                marks.append(pytest.mark.xfail(reason=KNOWN[(fam, cmd)], strict=KNOWN[(fam, cmd)] == NO_CLASSIFIER))
+            yield pytest.param(fam, cmd, marks=marks, id=f"{fam}-{cmd}")
+
+
+@pytest.mark.parametrize("name,cmd", list(matrix()))
+def test_every_command_runs_on_every_family(family_dir, arith_dir, senti_dir, tmp_path, name, cmd):
+    out = tmp_path / "run"
+    assert main(command(name, cmd, family_dir(name), (arith_dir, senti_dir), out)) == 0
+    if cmd != "generate":
+        assert (out / "final").is_dir()
