@@ -48,3 +48,19 @@ def senti_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("senti")
     get_task("sentiment").generate(out, seed=0, n_train=600, n_eval=60, noise=0.2, difficulty=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """family_dir(name) -> the tiny model folder of that family (`tests/families.py`), built once per session."""
+    from families import build_family
+
+    root = tmp_path_factory.mktemp("families")
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build_family(name, root / name)
+        return built[name]
+
+    return get

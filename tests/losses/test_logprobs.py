@@ -114,3 +114,15 @@ def test_logprobs_from_hidden_rejects_bad_arguments():
         logprobs_from_hidden(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.long), temperature=0.0)
     with pytest.raises(ValueError, match="targets shape"):
         logprobs_from_hidden(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_logprobs_from_hidden_applies_the_family_transform_before_temperature():
+    """hidden [2], weight rows [1], [0]: raw logits (2, 0); scale 0.5 -> (1, 0); softcap 1 -> (tanh 1, 0) =
+    (0.761594, 0); temperature 2 -> (0.380797, 0);
+    log p(0) = 0.380797 - log(1.463451 + 1) = 0.380797 - 0.901567 = -0.520770."""
+    hidden = torch.tensor([[2.0]], dtype=torch.float64)
+    weight = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    got = logprobs_from_hidden(hidden, weight, torch.tensor([0]), scale=0.5, softcap=1.0, temperature=2.0)
+    z = math.tanh(1.0) / 2
+    assert float(got[0]) == pytest.approx(z - math.log(math.exp(z) + 1), abs=1e-12)
+    assert float(got[0]) == pytest.approx(-0.520770, abs=1e-5)

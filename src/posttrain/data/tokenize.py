@@ -65,6 +65,19 @@ def _encode(tok: Any, text: str) -> tuple[list[int], list[int] | None]:
     return list(tok(text, add_special_tokens=False)["input_ids"]), None
 
 
+def _eos_after_reply(segment: str, content: str, eos: str) -> int:
+    """Where the EOS that ends the reply starts in `segment` (the reply as rendered), or -1.
+
+    The first EOS after the reply's text, not the last one in the segment: a template that also writes
+    `eos_token` after the whole conversation (Phi-3: `<|end|>` as end of turn, then eos_token) would otherwise
+    put the text between the two into the reply."""
+    if not eos:
+        return -1
+    at = segment.find(content) if content else -1
+    k = segment.find(eos, at + len(content) if at >= 0 else 0)
+    return k if k >= 0 else segment.rfind(eos)
+
+
 def _reply_spans(tok: Any, messages: list[Message], full: str, which: list[int]) -> list[tuple[int, int]]:
     """Character spans [start, end) of the assistant replies `which`, each through its EOS text when present."""
     eos = tok.eos_token or ""
@@ -74,7 +87,7 @@ def _reply_spans(tok: Any, messages: list[Message], full: str, which: list[int])
         upto = render(tok, messages[: i + 1])
         if full.startswith(before) and full.startswith(upto) and len(upto) > len(before):
             start, segment = len(before), upto[len(before):]
-            k = segment.rfind(eos) if eos else -1
+            k = _eos_after_reply(segment, messages[i]["content"], eos)
             end = start + k + len(eos) if k >= 0 else len(upto)
         else:
             # Templates that rewrite earlier turns: find the reply's text itself, then its EOS right after.
@@ -158,7 +171,7 @@ def _completion_ids(tok: Any, prompt: list[Message], completion: list[Message]) 
     else:
         text = "".join(m["content"] for m in completion)
     eos = tok.eos_token or ""
-    k = text.rfind(eos) if eos else -1
+    k = _eos_after_reply(text, "".join(m["content"] for m in completion), eos)
     if k >= 0:
         text = text[: k + len(eos)]
     ids = _encode(tok, text)[0]

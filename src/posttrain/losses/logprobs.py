@@ -65,11 +65,17 @@ def entropy_from_logits(logits: torch.Tensor, *, chunk_rows: int = 512) -> torch
     return torch.cat(pieces).reshape(logits.shape[:-1])
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+                    scale: float = 1.0, softcap: float | None = None):
     """Log-probs (and entropy) of one chunk of tokens. hidden (n, D), weight (V, D), targets (n,)."""
     logits = hidden @ weight.T  # (n, V), in the model's dtype
     if logits.dtype not in _EXACT:
         logits = logits.float()
+    # The family's post-head transform (models.head.LogitHead): what the model's own forward returns.
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     # Sampling used softmax(logits / T); the policy-gradient ratio needs the same distribution.
     logits = logits / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)  # (n,)
@@ -90,13 +96,16 @@ def logprobs_from_hidden(
     chunk_size: int = 1024,
     return_entropy: bool = False,
     unchunked_bytes: int = UNCHUNKED_LOGIT_BYTES,
+    scale: float = 1.0,
+    softcap: float | None = None,
 ):
-    """Per-token log p(target) under softmax(hidden @ weight.T / temperature), chunked over tokens.
+    """Per-token log p(target) under softmax(z / temperature), z = softcap(scale * hidden @ weight.T), chunked over tokens.
 
     hidden: (N, D) or (B, T, D) final hidden states; weight: (V, D) the LM head (no bias);
     targets: (N,) or (B, T) token ids, all valid (callers mask ignored positions afterwards).
     Returns log-probs shaped like `targets` (float32, or float64 for float64 inputs), and the
-    entropy of each token's distribution too when `return_entropy` is set.
+    entropy of each token's distribution too when `return_entropy` is set. `scale` and `softcap`
+    (tanh(z / softcap) * softcap) are a model family's post-head transform, applied before the temperature.
 
     At most `chunk_size` rows of logits exist at once. When autograd records, each chunk runs
     under non-reentrant `torch.utils.checkpoint`, so the backward pass recomputes a chunk's
@@ -120,9 +129,10 @@ def logprobs_from_hidden(
         h = flat_hidden[start : start + chunk_size]
         t = flat_targets[start : start + chunk_size]
         if checkpointed:
-            logp, entropy = checkpoint(_chunk_logprobs, h, weight, t, temperature, return_entropy, use_reentrant=False)
+            logp, entropy = checkpoint(_chunk_logprobs, h, weight, t, temperature, return_entropy, scale, softcap,
+                                       use_reentrant=False)
         else:
-            logp, entropy = _chunk_logprobs(h, weight, t, temperature, return_entropy)
+            logp, entropy = _chunk_logprobs(h, weight, t, temperature, return_entropy, scale, softcap)
         logps.append(logp)
         entropies.append(entropy)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32

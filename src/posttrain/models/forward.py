@@ -2,7 +2,9 @@
 
 Each runs the model's own top-level forward (so DDP and peft wrappers see the call and LoRA is
 active) and takes the final, normed hidden states from it; the vocabulary projection is then done
-in chunks by `logprobs_from_hidden`, so a full (B, T, V) float32 logit tensor never exists.
+in chunks by `logprobs_from_hidden`, so a full (B, T, V) float32 logit tensor never exists. The family's
+post-head transform (scaling, softcap) comes from `models.head.logit_head`; a model whose logits are not
+lm_head(hidden) with a known transform takes its own full logits instead.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from posttrain.losses.logprobs import logprobs_from_hidden
+from posttrain.losses.logprobs import entropy_from_logits, logprobs_from_hidden, selective_log_softmax
+from posttrain.models.head import logit_head
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -152,23 +155,53 @@ def token_logprobs(
     `start` > 0 returns positions start .. T-2 only, (B, T-1-start): the vocabulary projection then skips
     the positions before it (PPO's prompt), which the full result would compute and a caller drop.
     """
+    targets = input_ids[:, start + 1:]  # (B, T-1-start)
+    head = logit_head(unwrap(model))
+    if head.own_forward:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits[:, start:-1]  # (B, T-1-start, V)
+        return _logprobs_from_own_logits(logits, targets, temperature, return_entropy)
     # logits_to_keep=1: the model's own lm_head runs on one position only; we project the rest.
     hidden = _final_hidden(model, input_ids, attention_mask, position_ids, logits_to_keep=1)  # (B, T, D)
     weight = lm_head_weight(model)  # (V, D)
-    targets = input_ids[:, start + 1:]  # (B, T-1-start)
     return logprobs_from_hidden(
-        hidden[:, start:-1], weight, targets, temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy
+        hidden[:, start:-1], weight, targets, temperature=temperature, chunk_size=chunk_size,
+        return_entropy=return_entropy, scale=head.scale, softcap=head.softcap,
     )
 
 
-def _custom_mask_hidden(model: nn.Module, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
-    """Final hidden states (B, L, D) under a custom (B, 1, L, L) bool mask (True = may attend), e.g.
-    `data.SharedPromptPairs`; eager attention adds its mask to the scores, so it gets the additive form."""
+def _logprobs_from_own_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool):
+    """log softmax(logits / T)[targets] (and the entropy) from the model's own logits (..., V), float32."""
+    logits = logits / temperature if temperature != 1.0 else logits
+    logp = selective_log_softmax(logits, targets).float()
+    return (logp, entropy_from_logits(logits).float()) if return_entropy else logp
+
+
+def takes_custom_mask(model: nn.Module) -> bool:
+    """Whether a custom (B, 1, L, L) mask (`data.SharedPromptPairs`) gives each token its own row's context: the
+    attention must take a mask (SDPA, eager), and the model must have no sliding window, which transformers adds
+    to the masks it builds but not to one it is given."""
+    config = unwrap(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config._attn_implementation in ("sdpa", "eager") and getattr(text, "sliding_window", None) is None
+
+
+def _custom_mask(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A custom (B, 1, L, L) bool mask (True = may attend) in the form the attention takes: eager attention adds
+    its mask to the scores, so it gets the additive form."""
     if attention_mask.dtype == torch.bool and unwrap(model).config._attn_implementation != "sdpa":
         dtype = next(unwrap(model).parameters()).dtype
         attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
             ~attention_mask, torch.finfo(dtype).min)
-    return _final_hidden(model, input_ids, attention_mask, position_ids, **kwargs)
+    return attention_mask
+
+
+def _custom_mask_hidden(model: nn.Module, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
+    """Final hidden states (B, L, D) under a custom (B, 1, L, L) bool mask (True = may attend), e.g.
+    `data.SharedPromptPairs`."""
+    return _final_hidden(model, input_ids, _custom_mask(model, attention_mask), position_ids, **kwargs)
 
 
 def token_logprobs_at(
@@ -187,9 +220,16 @@ def token_logprobs_at(
     chosen, rejected in one row): attention_mask (B, 1, L, L) bool (True = may attend), position_ids (B, L),
     source (N, C) indices into the B * L positions, targets (N, C) token ids.
     """
+    head = logit_head(unwrap(model))
+    if head.own_forward:
+        logits = model(input_ids=input_ids, attention_mask=_custom_mask(model, attention_mask), position_ids=position_ids,
+                       use_cache=False).logits  # (B, L, V)
+        picked = logits.reshape(-1, logits.shape[-1])[source.reshape(-1)]  # (N * C, V)
+        return _logprobs_from_own_logits(picked, targets.reshape(-1), temperature, False).reshape(targets.shape)
     hidden = _custom_mask_hidden(model, input_ids, attention_mask, position_ids, logits_to_keep=1)  # (B, L, D)
     picked = hidden.reshape(-1, hidden.shape[-1])[source.reshape(-1)]  # (N * C, D)
-    logp = logprobs_from_hidden(picked, lm_head_weight(model), targets.reshape(-1), temperature=temperature)
+    logp = logprobs_from_hidden(picked, lm_head_weight(model), targets.reshape(-1), temperature=temperature,
+                                scale=head.scale, softcap=head.softcap)
     return logp.reshape(targets.shape)  # (N, C)
 
 

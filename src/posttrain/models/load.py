@@ -137,11 +137,16 @@ def load_tokenizer(path: str | Path, chat_template: str = "auto"):
         tok.eos_token = end_of_turn
 
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        why = "has no pad token" if tok.pad_token is None else f"pads with its EOS `{tok.eos_token}`"
         existing = _pick_pad_token(tok)
         if existing is not None:
             tok.pad_token = existing
         else:
             tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        # Said in the run's log: a pad that were the EOS would mask the stop token out of the labels.
+        how = "its own special token" if existing is not None else "a new token (the embeddings grow by one row)"
+        print(f"tokenizer {path} {why}: padding with `{tok.pad_token}` (id {tok.pad_token_id}), {how}; "
+              f"EOS stays `{tok.eos_token}` (id {tok.eos_token_id})", flush=True)
     if tok.pad_token_id == tok.eos_token_id:
         raise ConfigError(f"{path}: could not give the tokenizer a pad token distinct from EOS `{tok.eos_token}`")
     return tok

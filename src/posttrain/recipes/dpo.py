@@ -51,7 +51,7 @@ from posttrain.engine.dist import EvalShare, gather_lists
 from posttrain.engine.loop import fit
 from posttrain.losses.dpo import dpo_loss
 from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context,
-                              token_logprobs, token_logprobs_at, unwrap as unwrap_model)
+                              takes_custom_mask, token_logprobs, token_logprobs_at)
 from posttrain.recipes.common import load_data, prepare_trainable, save_final
 
 Pairs = PairBatch | SharedPromptPairs
@@ -62,9 +62,9 @@ Reference = Callable[[Pairs], torch.Tensor]  # pairs -> (2B,) reference sequence
 
 
 def pair_collate(model) -> Callable[[list[dict], int], Pairs]:
-    """collate_shared_pairs where the attention takes a custom mask (SDPA, eager), else collate_pairs."""
-    shared = unwrap_model(model).config._attn_implementation in ("sdpa", "eager")
-    return collate_shared_pairs if shared else collate_pairs
+    """collate_shared_pairs where a custom mask gives each token its own row's context (`takes_custom_mask`),
+    else collate_pairs."""
+    return collate_shared_pairs if takes_custom_mask(model) else collate_pairs
 
 
 def completion_logps(model, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:

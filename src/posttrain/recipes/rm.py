@@ -49,7 +49,7 @@ from posttrain.engine.dist import EvalShare, gather_lists, is_fsdp
 from posttrain.engine.loop import fit
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import (load_sequence_classifier, load_tokenizer, resolve_dtype, save_pretrained_atomic,
-                              sequence_scores, sequence_scores_at)
+                              sequence_scores, sequence_scores_at, takes_custom_mask)
 from posttrain.models import unwrap as base_model
 from posttrain.recipes.common import load_data, prepare_trainable
 
@@ -184,7 +184,7 @@ def main(cfg: RMConfig) -> dict:
     # Pairs only: one row per pair where the attention takes a custom mask, else chosen rows then rejected rows.
     # Any K-way ranking: every item as a ranking.
     rankings = any("response_ids" in it for it in data.train + data.eval)
-    shared = base_model(model).config._attn_implementation in ("sdpa", "eager")
+    shared = takes_custom_mask(model)
     collate_fn = collate_rankings if rankings else collate_shared_pairs if shared else collate_pairs
     collate = lambda group: collate_fn(group, tok.pad_token_id).to(device)  # noqa: E731
 
