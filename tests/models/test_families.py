@@ -270,8 +270,6 @@ NEEDS_CLASSIFIER = ("sft-classification", "rm", "ppo")
 KNOWN = {(fam, cmd): NO_CLASSIFIER for fam in ("granite", "cohere") for cmd in NEEDS_CLASSIFIER}
 KNOWN.update({("gemma2", cmd): SDPA_FORCED for cmd in
               ("sft", "sft-classification", "rm", "dpo", "online-dpo", "ppo", "grpo", "generate")})
-SAMPLER_WINDOW = "the sampler crashes on left-padded prompts longer than the sliding window (rollout/sampler.py fix, issue 12)"
-KNOWN.update({(fam, cmd): SAMPLER_WINDOW for fam in ("mistral", "gemma3") for cmd in ("online-dpo", "ppo", "grpo")})
 COMMANDS = ["sft", "sft-classification", "rm", "dpo", "online-dpo", "ppo", "grpo", "generate"]
 
 
