@@ -104,6 +104,12 @@ class RewardConfig:
 
 # --------------------------------------------------------------------------- commands
 
+# keys of every command that loads a model (training, eval, generate)
+ATTN_HELP = ("auto (per model family: SDPA where transformers supports it, eager where the family needs it, e.g. "
+             "Gemma 2), sdpa, eager, flash_attention_2 (flash_attn installed, CUDA), flex_attention; a choice the "
+             "family or this install cannot run is refused")
+TRUST_REMOTE_CODE_HELP = "run custom Python code shipped with the model folder (config.json `auto_map`); off unless you trust the folder"
+
 
 @dataclass
 class TrainConfig:
@@ -124,6 +130,8 @@ class TrainConfig:
     max_steps: int = opt(0, "optimizer steps; wins over num_epochs when > 0")
     dtype: str = opt("auto", "auto (bf16 on a GPU that supports it, else float32), float32, bfloat16, float16")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    attn_implementation: str = opt("auto", ATTN_HELP)
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
     strategy: str = opt("ddp", "several processes: ddp (each rank holds the whole model) or fsdp (FSDP2: weights, "
                         "gradients and optimizer state sharded over the ranks)")
     resume: str = opt("auto", "auto (latest checkpoint in output_dir), a checkpoint path, or false")
@@ -223,6 +231,8 @@ class EvalConfig:
     output: str = opt("", "where to write eval.json (default: MODEL/eval.json)")
     seed: int = opt(0, "sampling seed")
     dtype: str = opt("auto", "model dtype")
+    attn_implementation: str = opt("auto", ATTN_HELP)
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
 
 
 @dataclass
@@ -234,6 +244,8 @@ class GenerateConfig:
     rollout: RolloutConfig = sub(RolloutConfig, "sampling")
     seed: int = opt(0, "sampling seed")
     dtype: str = opt("auto", "model dtype")
+    attn_implementation: str = opt("auto", ATTN_HELP)
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
 
 
 @dataclass

@@ -52,6 +52,7 @@ from posttrain.engine.loop import fit
 from posttrain.losses.dpo import LOSS_TYPES, dpo_loss
 from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context,
                               token_logprobs, token_logprobs_at, unwrap as unwrap_model)
+from posttrain.models.forward import attention_name, takes_custom_mask
 from posttrain.recipes.common import load_data, prepare_trainable, save_final
 
 Pairs = PairBatch | SharedPromptPairs
@@ -63,8 +64,7 @@ Reference = Callable[[Pairs], torch.Tensor]  # pairs -> (2B,) reference sequence
 
 def pair_collate(model) -> Callable[[list[dict], int], Pairs]:
     """collate_shared_pairs where the attention takes a custom mask (SDPA, eager), else collate_pairs."""
-    shared = unwrap_model(model).config._attn_implementation in ("sdpa", "eager")
-    return collate_shared_pairs if shared else collate_pairs
+    return collate_shared_pairs if takes_custom_mask(model) else collate_pairs
 
 
 def completion_logps(model, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,13 +206,18 @@ def check_config(cfg: DPOConfig) -> None:
 def main(cfg: DPOConfig) -> dict:
     check_config(cfg)
     run = setup_run(cfg, "dpo")
-    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
     device, pad_id = run.device, tok.pad_token_id
     data = load_data(cfg, tok, "preference", verbose=run.dist.is_main)
     load = lambda path: disable_dropout(load_causal_lm(path, dtype=cfg.dtype, device=device, tokenizer=tok,  # noqa: E731
-                                                       gradient_checkpointing=cfg.gradient_checkpointing))
+                                                       gradient_checkpointing=cfg.gradient_checkpointing,
+                                                       attn_implementation=cfg.attn_implementation,
+                                                       trust_remote_code=cfg.trust_remote_code))
     model = load(cfg.model)
     ref_model = load(cfg.ref_model).requires_grad_(False).eval() if cfg.ref_model else None
+    if not takes_custom_mask(model) and run.dist.is_main:
+        print(f"pairs: {attention_name(model)} attention takes no custom mask, so each pair is two rows (the prompt "
+              "runs once per completion) instead of one shared-prompt row", flush=True)
 
     ref_seconds = 0.0
     if cfg.precompute_ref:

@@ -86,8 +86,9 @@ def _stdin_lines() -> Iterable[str]:
 
 def main(cfg: GenerateConfig) -> list[list[str]]:
     conversations = read_prompts(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, dtype=cfg.dtype, tokenizer=tokenizer)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, dtype=cfg.dtype, tokenizer=tokenizer, attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code)
     sampler = Sampler(model, tokenizer, cfg.rollout)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     if cfg.chat:

@@ -32,6 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from posttrain.config import RolloutConfig
+from posttrain.models.forward import attention_name
 
 
 @dataclass
@@ -236,7 +237,7 @@ class Sampler:
 
     def _mask_kind(self, padded: bool):
         """attn (A, L) -> what a decoding step passes as its attention mask (see `_generate_chunk`)."""
-        if padded and getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+        if padded and attention_name(self.model) == "sdpa":
             return lambda attn: attn.bool()[:, None, None, :]  # (A, 1, 1, L)
         return lambda attn: attn
 
