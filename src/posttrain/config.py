@@ -106,9 +106,10 @@ class RewardConfig:
 
 # keys of every command that loads a model (training, eval, generate)
 ATTN_HELP = ("auto (per model family: SDPA where transformers supports it, eager where the family needs it, e.g. "
-             "Gemma 2), sdpa, eager, flash_attention_2 (flash_attn installed, CUDA), flex_attention; a choice the "
-             "family or this install cannot run is refused")
-TRUST_REMOTE_CODE_HELP = "run custom Python code shipped with the model folder (config.json `auto_map`); off unless you trust the folder"
+             "Gemma 2), sdpa, eager, flash_attention_2 (flash_attn installed, CUDA), flex_attention (GPU); "
+             "a choice the family or this install cannot run is refused")
+TRUST_REMOTE_CODE_HELP = ("run custom Python code shipped with the model folder (config.json `auto_map`); "
+                          "off unless you trust the folder")
 
 
 @dataclass

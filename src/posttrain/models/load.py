@@ -198,6 +198,9 @@ def choose_attention(cls: type, choice: str | None, path: str | Path, device: to
     if choice == "flex_attention" and not is_torch_flex_attn_available():
         raise ConfigError(f"model `{path}`: `attn_implementation: flex_attention` needs torch >= 2.5 "
                           f"(found {torch.__version__}); use auto or sdpa")
+    if choice == "flex_attention" and device.type == "cpu":
+        raise ConfigError(f"model `{path}`: `attn_implementation: flex_attention` needs a GPU (torch's FlexAttention "
+                          "has no backward pass on CPU); use auto or sdpa")
     if choice == "sdpa" and cls._can_set_attn_implementation():
         return packed_sdpa()
     return choice
