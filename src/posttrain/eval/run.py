@@ -135,7 +135,8 @@ def generation_metrics(cfg: EvalConfig, model, tok, gens: Generations, device) -
         metrics["sampled_gold_score"] = sampled_score
 
     if cfg.reward.model or cfg.reward.function or cfg.reward.task:
-        source = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
+        source = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
+                              attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
         metrics["reward"] = float(source(convs_per_sample, sampled_texts).mean())
 
     if cfg.ref_model:

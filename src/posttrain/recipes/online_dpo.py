@@ -244,7 +244,8 @@ def main(cfg: OnlineDPOConfig) -> dict:
 
         task = get_task(cfg.eval_task)
         held_out = load_prompts(eval_file(cfg, sources), cfg, tok)[0][: cfg.eval_prompts]
-    reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
+    reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
+                          attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     load = lambda path: disable_dropout(load_causal_lm(path, dtype=cfg.dtype, device=device, tokenizer=tok,  # noqa: E731
                                                        gradient_checkpointing=cfg.gradient_checkpointing,
                                                        attn_implementation=cfg.attn_implementation,

@@ -455,7 +455,8 @@ def main(cfg: PPOConfig) -> dict:
     tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
     prompts, task, held_out = load_inputs(cfg, tok)
     models = load_models(cfg, tok, device)
-    reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
+    reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
+                          attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     sampler = Sampler(models.policy, tok, cfg.rollout)
 
     learners = {"policy": models.policy, **({"critic": models.critic} if models.critic is not None else {})}
