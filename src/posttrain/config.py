@@ -62,6 +62,7 @@ TaskName = Literal["arithmetic", "sentiment", "dialogue"]
 OptionalTask = Literal["", "arithmetic", "sentiment", "dialogue"]  # "" = none
 DemoTask = Literal["arithmetic", "sentiment"]
 TinySize = Literal["tiny", "small", "base"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
 
 
 # --------------------------------------------------------------------------- sections
@@ -190,6 +191,13 @@ class RewardConfig:
 # A command's config is its own keys plus the groups it honours (dataclass mixins: the fields of every base, the
 # rightmost base's first in --help) plus its own sections. No command inherits another's config.
 
+# keys of every command that loads a model (training, eval, generate)
+ATTN_HELP = ("auto (per model family: SDPA where transformers supports it, eager where the family needs it, e.g. "
+             "Gemma 2), sdpa, eager, flash_attention_2 (flash_attn installed, CUDA), flex_attention (GPU); "
+             "a choice the family or this install cannot run is refused")
+TRUST_REMOTE_CODE_HELP = ("run custom Python code shipped with the model folder (config.json `auto_map`); "
+                          "off unless you trust the folder")
+
 
 @dataclass
 class ModelLoadKeys:
@@ -198,6 +206,8 @@ class ModelLoadKeys:
     dtype: DType = opt("auto", "compute and saved precision: auto (bf16 on a CUDA GPU that supports it, else float32), "
                        "float32, bfloat16, float16. bf16/fp16 train float32 weights and AdamW state under autocast "
                        "(fp16 with loss scaling); final/ is written in this dtype")
+    attn_implementation: AttnImplementation = opt("auto", ATTN_HELP)
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
 
 
 @dataclass

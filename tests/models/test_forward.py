@@ -156,26 +156,31 @@ def test_packed_rows_run_padding_free_with_the_padded_values_and_gradients(tiny_
     assert len(calls) == (2 * layers if checkpointing else layers)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, atol=1e-10, rtol=0)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == forward_module.PACKED_SDPA
 
 
-def test_packed_attention_leaves_other_sdpa_calls_unchanged(tiny_dir):
-    """Registered under "sdpa", the per-sequence dispatch runs transformers' own SDPA function for every call
-    without segments: a padded batch's logits through the model equal that function's, bit for bit."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
+def test_packed_attention_leaves_other_sdpa_calls_unchanged(tiny_dir, monkeypatch):
+    """Under its own name the per-sequence dispatch runs transformers' own SDPA function for every call without
+    segments: a padded batch's logits equal those of the same model switched to plain "sdpa", bit for bit. A
+    packed batch on plain "sdpa" takes the block-diagonal mask, with the per-sequence path's log-probs."""
     model = load_causal_lm(tiny_dir, dtype=torch.float64, device="cpu")
+    assert model.config._attn_implementation == forward_module.PACKED_SDPA
     ids, mask = pad_batch(ROWS, "left")
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is forward_module._sdpa_or_varlen
+    packed_ids = torch.tensor([ROWS[0] + ROWS[1], ROWS[2] + [PAD] * 4])  # (2, 9)
+    positions = torch.tensor([list(range(6)) + list(range(3)), list(range(5)) + list(range(4))])
+    calls = []
+    per_sequence = forward_module._varlen_attention
+    monkeypatch.setattr(forward_module, "_varlen_attention", lambda *a, **kw: calls.append(1) or per_sequence(*a, **kw))
     with torch.no_grad():
         ours = model(input_ids=ids, attention_mask=mask).logits
-        ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = sdpa_attention_forward
-        try:
-            theirs = model(input_ids=ids, attention_mask=mask).logits
-        finally:
-            ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = forward_module._sdpa_or_varlen
+        ours_packed = token_logprobs(model, packed_ids, None, positions)
+        assert len(calls) == model.config.num_hidden_layers
+        model.set_attn_implementation("sdpa")
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+        theirs_packed = token_logprobs(model, packed_ids, None, positions)
     assert torch.equal(ours, theirs)
+    assert len(calls) == model.config.num_hidden_layers  # no per-sequence call on plain "sdpa"
+    torch.testing.assert_close(ours_packed, theirs_packed, atol=1e-10, rtol=0)
 
 
 def saved_bytes(fn) -> int:

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.config import TinyModelConfig
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models.forward import attention_name
 from posttrain.models.tiny import FALLBACK_CORPUS, build_tokenizer, main, make_tiny_model
 
 
@@ -68,7 +69,7 @@ def test_posttrain_loaders_accept_the_tiny_folder_unchanged(tiny_dir):
     model = load_causal_lm(tiny_dir, tokenizer=tok, device="cpu")
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|pad|>"
     assert len(tok) == model.config.vocab_size  # nothing added, no resize
-    assert model.config._attn_implementation == "sdpa"
+    assert attention_name(model) == "sdpa"
 
 
 def test_main_writes_folder_and_prints_parameter_count(tmp_path, capsys):

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from posttrain.config import ConfigError, EvalConfig
 from posttrain.data import (IGNORE, collate_classification, collate_sft, load_examples, tokenize_examples,
@@ -43,15 +42,14 @@ from posttrain.data.io import task_file
 from posttrain.errors import DataError
 from posttrain.eval.metrics import accuracy, macro_f1, mean_pass_at_k, perplexity, sequence_kl
 from posttrain.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer, token_logprobs
+from posttrain.models.load import load_model_config
 from posttrain.rewards import build_reward, prompt_text
 from posttrain.rollout import RolloutBatch, build_backend
 
 
-def is_classifier(model_dir: str) -> bool:
+def is_classifier(model_dir: str, trust_remote_code: bool = False) -> bool:
     """Whether a model folder was saved as a sequence classifier (a trained head of its own)."""
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ConfigError(f"model: {model_dir} is not a model folder (no config.json)")
-    architectures = getattr(AutoConfig.from_pretrained(model_dir), "architectures", None) or []
+    architectures = getattr(load_model_config(model_dir, trust_remote_code=trust_remote_code), "architectures", None) or []
     return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
@@ -137,11 +135,13 @@ def generation_metrics(cfg: EvalConfig, model, tok, gens: Generations, device) -
         metrics["sampled_gold_score"] = sampled_score
 
     if cfg.reward.model or cfg.reward.function or cfg.reward.task:
-        source = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
+        source = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
+                              attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
         metrics["reward"] = float(source(convs_per_sample, sampled_texts).mean())
 
     if cfg.ref_model:
-        ref = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, device=device, tokenizer=tok).eval()
+        ref = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, device=device, tokenizer=tok,
+                             attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code).eval()
         temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         batch = gens.sampled.to(device)
         logp = response_logprobs(model, batch, temperature=temp, batch_size=cfg.batch_size)  # (N, R)
@@ -180,11 +180,12 @@ def classifier_metrics(cfg: EvalConfig, device) -> dict:
         raise ConfigError("a sequence classifier is evaluated on labelled rows: set `data` (e.g. classify.jsonl)")
     if cfg.task or cfg.prompts or cfg.ref_model:
         raise ConfigError("task / prompts / ref_model need a causal LM; this model folder is a sequence classifier")
-    tok = load_tokenizer(cfg.model)
-    config = AutoConfig.from_pretrained(cfg.model)
+    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    config = load_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     names = [config.id2label[i] for i in range(config.num_labels)]
     model = load_sequence_classifier(cfg.model, num_labels=config.num_labels, id2label=names, dtype=cfg.dtype,
-                                     device=device, tokenizer=tok).eval()
+                                     device=device, tokenizer=tok, attn_implementation=cfg.attn_implementation,
+                                     trust_remote_code=cfg.trust_remote_code).eval()
     examples, stats = load_examples(list(cfg.data), "classification", labels=names)
     label2id = {name: i for i, name in enumerate(names)}
     items = tokenize_examples(tok, examples, max_length=cfg.max_length, stats=stats, label2id=label2id)
@@ -220,11 +221,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     device = default_device()
     records: list[dict] = []
-    if is_classifier(cfg.model):
+    if is_classifier(cfg.model, cfg.trust_remote_code):
         metrics = classifier_metrics(cfg, device)
     else:
-        tok = load_tokenizer(cfg.model)
-        model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, tokenizer=tok).eval()
+        tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, tokenizer=tok,
+                               attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code).eval()
         metrics = {}
         if cfg.task or cfg.prompts:
             gens = generate(cfg, model, tok, held_out_prompts(cfg))

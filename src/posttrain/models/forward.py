@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from posttrain.losses.logprobs import entropy_from_logits, logprobs_from_hidden, selective_log_softmax
@@ -57,21 +59,56 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 def _sdpa_or_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' "sdpa" attention, or `_varlen_attention` when the call carries `posttrain_segments`.
 
-    Registered once under the name "sdpa" (below), so the model's attention setting never changes: without the
-    segments (every call except `_final_hidden`'s packed ones) this is exactly the function it replaces. The
-    segments travel as a keyword argument, which transformers' `GradientCheckpointingLayer` stores with the layer
-    call and replays in the backward pass, so the recomputation runs the same per-sequence attention as the forward.
-    A softcap goes to the original, which refuses it as before.
+    Registered under its own name, `PACKED_SDPA` (`packed_sdpa`), which only the models posttrain loads with SDPA
+    carry: without the segments (every call except `_final_hidden`'s packed ones) this is exactly transformers'
+    function. The segments travel as a keyword argument, which transformers' `GradientCheckpointingLayer` stores
+    with the layer call and replays in the backward pass, so the recomputation runs the same per-sequence attention
+    as the forward. A softcap goes to transformers' function, which refuses it as it would under "sdpa".
     """
     if kwargs.get("posttrain_segments") is None or kwargs.get("softcap") is not None:
         kwargs.pop("posttrain_segments", None)
-        return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     return _varlen_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-_SDPA = getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "posttrain_original", ALL_ATTENTION_FUNCTIONS["sdpa"])
-_sdpa_or_varlen.posttrain_original = _SDPA  # a reload of this module wraps the original, not itself
-AttentionInterface.register("sdpa", _sdpa_or_varlen)
+PACKED_SDPA = "posttrain_sdpa"
+
+
+def packed_sdpa() -> str:
+    """Register `_sdpa_or_varlen` under `PACKED_SDPA` (with transformers' SDPA mask builder, so padded and custom
+    masks are built as for "sdpa") and return the name to load a model with.
+
+    Called when a model is loaded, never on import, and under a name of its own: transformers' "sdpa" stays its own
+    function for every other model in the process. The name contains "sdpa", so transformers runs its SDPA support
+    check on it, and `save_pretrained` does not write it: a saved config.json carries no attention setting.
+    """
+    if ALL_ATTENTION_FUNCTIONS.get(PACKED_SDPA) is not _sdpa_or_varlen:
+        AttentionInterface.register(PACKED_SDPA, _sdpa_or_varlen)
+        AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+    return PACKED_SDPA
+
+
+def attention_name(model: nn.Module) -> str | None:
+    """The model's attention implementation as transformers names it ("sdpa" also for `PACKED_SDPA`)."""
+    name = getattr(unwrap(model).config, "_attn_implementation", None)
+    return "sdpa" if name == PACKED_SDPA else name
+
+
+def packing_layout(model: nn.Module) -> str:
+    """How a packed batch (`_final_hidden`) runs on this model's attention, in words for the run's log."""
+    name = unwrap(model).config._attn_implementation
+    window = getattr(unwrap(model).config, "sliding_window", None)
+    if name == PACKED_SDPA:
+        text = "padding-free: causal SDPA per packed sequence"
+        if window is not None:
+            text += f"; a row with a sequence longer than the sliding window ({window}) takes the block-diagonal mask"
+        return text
+    if name and name.startswith("flash_attention"):
+        return f"{name}: variable-length attention per packed sequence, found from the position resets"
+    if name == "flex_attention":
+        return "flex_attention: a block-diagonal BlockMask built from the position resets"
+    return f"{name}: the block-diagonal (T x T) mask transformers builds from the position resets"
 
 
 def _segments(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -93,14 +130,13 @@ def _final_hidden(model: nn.Module, input_ids, attention_mask, position_ids, **k
     restarting at 0 at each sequence, every row starting one) on SDPA attention runs padding-free: causal attention
     per sequence (`_sdpa_or_varlen`), the same numbers as the block-diagonal mask, with or without gradient
     checkpointing. It passes an all-ones (B, T) mask so that transformers builds no (T x T) mask for it (SDPA's
-    causal flag stands in; the per-sequence attention ignores it). Other attention implementations, a sliding window
-    shorter than a sequence, or an "sdpa" someone registered over ours take the block-diagonal mask that
-    transformers builds from the position resets.
+    causal flag stands in; the per-sequence attention ignores it). Other attention implementations (a model loaded
+    with plain "sdpa" too) and a sliding window shorter than a sequence take what `packing_layout` says.
     """
     inner = unwrap(model)
     config = inner.config
     packed = (attention_mask is None and position_ids is not None and bool((position_ids[:, 0] == 0).all())
-              and config._attn_implementation == "sdpa" and ALL_ATTENTION_FUNCTIONS["sdpa"] is _sdpa_or_varlen)
+              and config._attn_implementation == PACKED_SDPA)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     if packed:
@@ -181,17 +217,18 @@ def _logprobs_from_own_logits(logits: torch.Tensor, targets: torch.Tensor, tempe
 
 def takes_custom_mask(model: nn.Module) -> bool:
     """Whether a custom (B, 1, L, L) mask (`data.SharedPromptPairs`) gives each token its own row's context: the
-    attention must take a mask (SDPA, eager), and the model must have no sliding window, which transformers adds
+    attention must take a mask (SDPA, eager; flash attention has none, flex wants a BlockMask), and the model must
+    have no sliding window, which transformers adds
     to the masks it builds but not to one it is given."""
     config = unwrap(model).config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return config._attn_implementation in ("sdpa", "eager") and getattr(text, "sliding_window", None) is None
+    return attention_name(model) in ("sdpa", "eager") and getattr(text, "sliding_window", None) is None
 
 
 def _custom_mask(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
     """A custom (B, 1, L, L) bool mask (True = may attend) in the form the attention takes: eager attention adds
     its mask to the scores, so it gets the additive form."""
-    if attention_mask.dtype == torch.bool and unwrap(model).config._attn_implementation != "sdpa":
+    if attention_mask.dtype == torch.bool and attention_name(model) != "sdpa":
         dtype = next(unwrap(model).parameters()).dtype
         attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
             ~attention_mask, torch.finfo(dtype).min)

@@ -52,6 +52,7 @@ from posttrain.engine.loop import fit
 from posttrain.losses.dpo import dpo_loss
 from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context,
                               takes_custom_mask, token_logprobs, token_logprobs_at)
+from posttrain.models.forward import attention_name
 from posttrain.recipes.common import load_data, prepare_trainable, save_final
 
 Pairs = PairBatch | SharedPromptPairs
@@ -206,14 +207,17 @@ def check_config(cfg: DPOConfig) -> None:
 def main(cfg: DPOConfig) -> dict:
     check_config(cfg)
     run = setup_run(cfg, "dpo")
-    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
     device, pad_id = run.device, tok.pad_token_id
     data = load_data(cfg, tok, "preference", verbose=run.dist.is_main)
     load = lambda path, keep_float32: disable_dropout(load_causal_lm(  # noqa: E731
         path, dtype=cfg.dtype, device=device, tokenizer=tok, gradient_checkpointing=cfg.gradient_checkpointing,
-        keep_float32=keep_float32))
+        keep_float32=keep_float32, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code))
     model = load(cfg.model, cfg.lora.r <= 0)  # a LoRA base stays frozen in the compute dtype
     ref_model = load(cfg.ref_model, True).requires_grad_(False).eval() if cfg.ref_model else None
+    if not takes_custom_mask(model) and run.dist.is_main:
+        print(f"pairs: {attention_name(model)} attention (or a sliding window) takes no shared-prompt mask, so each "
+              "pair is two rows (the prompt runs once per completion)", flush=True)
 
     ref_seconds = 0.0
     if cfg.precompute_ref:

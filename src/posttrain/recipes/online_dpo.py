@@ -235,7 +235,7 @@ def check_online_config(cfg: OnlineDPOConfig) -> None:
 def main(cfg: OnlineDPOConfig) -> dict:
     check_online_config(cfg)
     run = setup_run(cfg, "online-dpo")
-    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
     device, is_main = run.device, run.dist.is_main
     sources = list(cfg.prompts or cfg.data.train)
     prompts, dropped = load_prompts(sources, cfg, tok, cfg.data.max_rows)
@@ -247,10 +247,11 @@ def main(cfg: OnlineDPOConfig) -> dict:
 
         task = get_task(cfg.eval_task)
         held_out = load_prompts(eval_file(cfg, sources), cfg, tok)[0][: cfg.eval_prompts]
-    reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
+    reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
+                          attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     load = lambda path, keep_float32=True: disable_dropout(load_causal_lm(  # noqa: E731 - a reference: float32
         path, dtype=cfg.dtype, device=device, tokenizer=tok, gradient_checkpointing=cfg.gradient_checkpointing,
-        keep_float32=keep_float32))
+        keep_float32=keep_float32, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code))
     model = apply_lora(apply_freeze(load(cfg.model, cfg.lora.r <= 0), cfg.freeze), cfg.lora, "causal_lm")
     trainable, total = count_parameters(model)
     if is_main:

@@ -157,9 +157,10 @@ class Models:
 
 
 def load_models(cfg: PPOConfig, tok, device) -> Models:
+    keys = {"attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
     policy = disable_dropout(load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, tokenizer=tok,
                                             gradient_checkpointing=cfg.gradient_checkpointing,
-                                            keep_float32=cfg.lora.r <= 0))  # the EMA reference is a float32 copy
+                                            keep_float32=cfg.lora.r <= 0, **keys))  # the EMA reference is a float32 copy
     ref = None
     if cfg.lora.r <= 0:
         ref = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -170,10 +171,12 @@ def load_models(cfg: PPOConfig, tok, device) -> Models:
         if init == "reward" and not cfg.reward.model:
             raise ConfigError("`critic_init: reward` needs `reward.model`; use critic_init=policy")
         path = reward_folder(cfg.reward.model) if init == "reward" else cfg.model
-        if init == "reward" and load_tokenizer(path).get_vocab() != load_tokenizer(cfg.model).get_vocab():
+        vocab = lambda folder: load_tokenizer(folder, trust_remote_code=cfg.trust_remote_code).get_vocab()  # noqa: E731
+        if init == "reward" and vocab(path) != vocab(cfg.model):
             raise ConfigError(f"`critic_init: reward`: {path} has a different tokenizer from the policy; use critic_init=policy")
         critic = load_sequence_classifier(path, num_labels=1, dtype=cfg.dtype, device=device, tokenizer=tok,
-                                          gradient_checkpointing=cfg.gradient_checkpointing, keep_float32=cfg.lora.r <= 0)
+                                          gradient_checkpointing=cfg.gradient_checkpointing, keep_float32=cfg.lora.r <= 0,
+                                          **keys)
         if init == "policy":
             # A new value head starts at V = 0 rather than at random values: the first advantages are then the
             # (whitened) returns themselves, not returns minus noise, until the critic has learned something.
@@ -445,10 +448,11 @@ def main(cfg: PPOConfig) -> dict:
     run = setup_run(cfg, "ppo")
     check_world(cfg, run.dist.world_size)
     device, amp = run.device, autocast_dtype(cfg, run.device)
-    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
     prompts, task, held_out = load_inputs(cfg, tok)
     models = load_models(cfg, tok, device)
-    reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype)
+    reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
+                          attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     sampler = Sampler(models.policy, tok, cfg.rollout, amp=amp)
 
     learners = {"policy": models.policy, **({"critic": models.critic} if models.critic is not None else {})}

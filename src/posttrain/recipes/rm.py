@@ -51,6 +51,7 @@ from posttrain.losses import bradley_terry_loss
 from posttrain.models import (load_sequence_classifier, load_tokenizer, resolve_dtype, save_pretrained_atomic,
                               sequence_scores, sequence_scores_at, takes_custom_mask)
 from posttrain.models import unwrap as base_model
+from posttrain.models.forward import attention_name
 from posttrain.recipes.common import load_data, prepare_trainable
 
 
@@ -175,16 +176,20 @@ def reward_normalisation(rewards: torch.Tensor) -> tuple[float, float]:
 
 def main(cfg: RMConfig) -> dict:
     run = setup_run(cfg, "rm")
-    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
     device = run.device
     data = load_data(cfg, tok, "preference", verbose=run.dist.is_main)
     model = load_sequence_classifier(cfg.model, num_labels=1, dtype=cfg.dtype, device=device, tokenizer=tok,
-                                     gradient_checkpointing=cfg.gradient_checkpointing, keep_float32=cfg.lora.r <= 0)
+                                     gradient_checkpointing=cfg.gradient_checkpointing, keep_float32=cfg.lora.r <= 0,
+                                     attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
 
     # Pairs only: one row per pair where the attention takes a custom mask, else chosen rows then rejected rows.
     # Any K-way ranking: every item as a ranking.
     rankings = any("response_ids" in it for it in data.train + data.eval)
     shared = takes_custom_mask(model)
+    if not (shared or rankings) and run.dist.is_main:
+        print(f"pairs: {attention_name(model)} attention (or a sliding window) takes no shared-prompt mask, so each "
+              "pair is two rows (the prompt runs once per completion)", flush=True)
     collate_fn = collate_rankings if rankings else collate_shared_pairs if shared else collate_pairs
     collate = lambda group: collate_fn(group, tok.pad_token_id).to(device)  # noqa: E731
 

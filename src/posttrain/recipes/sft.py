@@ -30,6 +30,7 @@ from posttrain.engine.loop import fit
 from posttrain.errors import PosttrainError
 from posttrain.losses import sft_loss
 from posttrain.models import load_causal_lm, load_sequence_classifier, load_tokenizer, token_logprobs
+from posttrain.models.forward import packing_layout
 from posttrain.recipes.common import load_data, prepare_trainable, save_final
 
 
@@ -102,13 +103,16 @@ def cls_evaluate(items, cfg, pad_id, device, dist=None):
 
 def main(cfg: SFTConfig) -> dict:
     run = setup_run(cfg, "sft")
-    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
     device = run.device
 
     if cfg.task == "causal_lm":
         data = load_data(cfg, tok, "sft", loss_on=cfg.loss_on, verbose=run.dist.is_main)
         model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, tokenizer=tok, keep_float32=cfg.lora.r <= 0,
-                               gradient_checkpointing=cfg.gradient_checkpointing)
+                               gradient_checkpointing=cfg.gradient_checkpointing,
+                               attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+        if cfg.packing and run.dist.is_main:
+            print(f"packing: {packing_layout(model)}", flush=True)
         task_type = "causal_lm"
         collate = lm_batches(data.train, cfg, tok.pad_token_id, device)
         loss_fn = lm_loss
@@ -124,7 +128,8 @@ def main(cfg: SFTConfig) -> dict:
         names = [data.id2label.get(i, str(i)) for i in range(num_labels)]
         model = load_sequence_classifier(cfg.model, num_labels=num_labels, id2label=names, dtype=cfg.dtype,
                                          device=device, tokenizer=tok, gradient_checkpointing=cfg.gradient_checkpointing,
-                                         keep_float32=cfg.lora.r <= 0)
+                                         keep_float32=cfg.lora.r <= 0,
+                                         attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
         task_type = "seq_cls"
         collate = lambda g: collate_classification(g, tok.pad_token_id).to(device)  # noqa: E731
         loss_fn = cls_loss

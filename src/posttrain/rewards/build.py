@@ -19,12 +19,15 @@ def build_reward(
     device: str | torch.device | None = None,
     tokenizer: Any = None,
     dtype: str = "auto",
+    attn_implementation: str = "auto",
+    trust_remote_code: bool = False,
 ) -> RewardSource:
     """One source from ``reward.model`` / ``reward.function`` / ``reward.task``.
 
     Several given: their weighted sum, with ``reward.weights`` in that order (1.0 each when empty).
     A single source with one weight is scaled by it. ``reward.clip > 0`` clips after combining.
-    ``tokenizer`` is used only for a reward-model folder that has no tokenizer of its own.
+    ``tokenizer`` is used only for a reward-model folder that has no tokenizer of its own. The reward model loads
+    with the run's ``attn_implementation`` and ``trust_remote_code``.
     """
     sources: list[RewardSource] = []
     if reward_cfg.model:
@@ -39,6 +42,8 @@ def build_reward(
                 device=device,
                 batch_size=reward_cfg.batch_size,
                 dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
                 # `reward.label` (a classifier's label used as the reward) is asked of the config
                 # owner; until the key exists, reward models with one output need none.
                 label=(reward_cfg.label or None),

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoConfig
 
 from posttrain.errors import RewardError
 from posttrain.models import default_device, load_sequence_classifier, load_tokenizer, sequence_scores
+from posttrain.models.load import load_model_config
 from posttrain.rewards.base import Prompt, check_lengths, to_messages
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -69,13 +69,13 @@ def reward_folder(path: str | Path) -> Path:
     raise RewardError(f"reward.model: {folder} is not a model folder (no config.json)")
 
 
-def trained_head_labels(folder: Path) -> int:
+def trained_head_labels(folder: Path, trust_remote_code: bool = False) -> int:
     """The number of labels of a folder saved as a sequence classifier.
 
     A causal-LM folder would get a freshly initialised, random head: scores from it mean nothing,
     so that is an error rather than a warning.
     """
-    config = AutoConfig.from_pretrained(str(folder))
+    config = load_model_config(folder, trust_remote_code=trust_remote_code)
     architectures = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise RewardError(
@@ -129,6 +129,8 @@ class ModelReward:
         dtype: str = "auto",
         max_length: int | None = None,
         label: str | int | None = None,
+        attn_implementation: str = "auto",
+        trust_remote_code: bool = False,
     ):
         if isinstance(path_or_model, torch.nn.Module):
             if tokenizer is None:
@@ -137,11 +139,13 @@ class ModelReward:
             self.name = f"model:{type(path_or_model).__name__}"
         else:
             folder = reward_folder(path_or_model)
-            num_labels = trained_head_labels(folder)
+            num_labels = trained_head_labels(folder, trust_remote_code)
             device = torch.device(device) if device is not None else default_device()
-            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(folder))
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(folder),
+                                                                               trust_remote_code=trust_remote_code)
             self.model = load_sequence_classifier(
-                str(folder), num_labels=num_labels, dtype=dtype, device=device, tokenizer=tokenizer
+                str(folder), num_labels=num_labels, dtype=dtype, device=device, tokenizer=tokenizer,
+                attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
             )
             self.model.eval()
             self.name = f"model:{folder}"

@@ -87,8 +87,9 @@ def _stdin_lines() -> Iterable[str]:
 
 def main(cfg: GenerateConfig) -> list[list[str]]:
     conversations = read_prompts(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, dtype=cfg.dtype, tokenizer=tokenizer)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, dtype=cfg.dtype, tokenizer=tokenizer, attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code)
     sampler = build_backend(model, tokenizer, cfg.rollout, model_path=cfg.model)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     if cfg.chat:

@@ -33,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from posttrain.config import RolloutConfig
+from posttrain.models.forward import attention_name
 
 
 @dataclass
@@ -252,8 +253,7 @@ class Sampler:
 
     def _mask_kind(self, padded: bool):
         """attn (A, L) -> what a decoding step passes as its attention mask (see `_generate_chunk`)."""
-        config = self.model.config
-        if padded and getattr(config, "_attn_implementation", None) == "sdpa" and _attends_to_full_past(config):
+        if padded and attention_name(self.model) == "sdpa" and _attends_to_full_past(self.model.config):
             return lambda attn: attn.bool()[:, None, None, :]  # (A, 1, 1, L)
         return lambda attn: attn
 
