@@ -164,9 +164,6 @@ def test_pad_token_is_not_eos_and_the_choice_is_said(family_dir, name, capsys):
 def test_eval_perplexity_equals_transformers_own(family_dir, name, tmp_path):
     """The bug report's check: `posttrain eval MODEL data=text.jsonl` against exp(mean NLL) from the model's own
     logits over the same tokens (transformers' shifted cross-entropy)."""
-    fam = FAMILIES[name]
-    if fam.attn != "sdpa":
-        pytest.xfail("eval loads with SDPA; Gemma 2 needs attn_implementation per family (issue 12, attention part)")
     texts = ["The quick brown fox jumps over the lazy dog.", "What is 12 + 7? The answer is 19."]
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -265,11 +262,8 @@ def command(name, cmd, model, data, out):
 
 
 NO_CLASSIFIER = "transformers has no sequence classifier for this family (a known limit)"
-SDPA_FORCED = "load.py forces SDPA, which Gemma 2 refuses: attn_implementation per family (issue 12, attention part)"
 NEEDS_CLASSIFIER = ("sft-classification", "rm", "ppo")
 KNOWN = {(fam, cmd): NO_CLASSIFIER for fam in ("granite", "cohere") for cmd in NEEDS_CLASSIFIER}
-KNOWN.update({("gemma2", cmd): SDPA_FORCED for cmd in
-              ("sft", "sft-classification", "rm", "dpo", "online-dpo", "ppo", "grpo", "generate")})
 COMMANDS = ["sft", "sft-classification", "rm", "dpo", "online-dpo", "ppo", "grpo", "generate"]
 
 
