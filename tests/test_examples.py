@@ -48,5 +48,21 @@ def test_examples_lists_and_copies_every_shipped_config(tmp_path, capsys):
 
 
 def test_every_config_the_readme_names_is_shipped():
-    named = set(re.findall(r"examples/([\w/.-]+\.yaml)", README.read_text()))
+    named = set(re.findall(r"examples/([a-z0-9_][\w/.-]*\.yaml)", README.read_text()))  # NAME.yaml: a placeholder
     assert named and all((EXAMPLES / rel).is_file() for rel in named), sorted(r for r in named if not (EXAMPLES / r).is_file())
+
+
+def test_the_demo_runs_the_shipped_configs_and_shows_them_as_examples(tmp_path, monkeypatch):
+    """From a folder that holds its own examples/demo/sft.yaml, the demo still runs the shipped one (by full path)
+    and prints it as `examples/demo/sft.yaml`."""
+    from posttrain.recipes.demo import _shown, command_line, pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples" / "demo").mkdir(parents=True)
+    (tmp_path / "examples" / "demo" / "sft.yaml").write_text("max_steps: 1\n")
+    sft = next(s for s in pipeline("sentiment", tmp_path / "out") if s.name == "sft")
+    argv = command_line(sft, EXAMPLES / "demo" / "sentiment", quick=False, seed=0)
+    assert argv[:2] == ["sft", str(EXAMPLES / "demo" / "sentiment" / "sft.yaml")]
+    assert _shown(argv[1]) == "examples/demo/sentiment/sft.yaml" and "output_dir=out/sft" in argv
+    tiny = next(s for s in pipeline("sentiment", tmp_path / "out") if s.name == "tiny")  # arithmetic's file
+    assert _shown(command_line(tiny, EXAMPLES / "demo" / "sentiment", quick=False, seed=0)[1]) == "examples/demo/tiny.yaml"

@@ -12,7 +12,7 @@ The pipeline of the seed (and of Xu et al. 2024, arXiv 2404.10719, Sec. 5 / Tabl
     -> runs/demo/report.md: what was run, a "what this shows" section written from the numbers (each method
        against SFT, +- standard error), the results table, the gold-vs-KL frontier, held-out gold during
        training, proxy-vs-gold for ppo-rm, training curves per method family, and wall time per stage
-       (its text is `posttrain.report.demo`'s).
+       (written by `posttrain.report.demo`).
 
 Every stage is an ordinary posttrain command with a config file under `examples/demo/` (`examples/demo/sentiment/`
 for `--task sentiment`, where the reward model is a sentiment classifier and gold is the task's rule-based

@@ -15,7 +15,6 @@ from posttrain.report import per_prompt, read_metrics, write_report
 METHODS = ["sft", "ppo-rm", "ppo-verifier", "dpo", "sft+dpo", "dpo-iter"]  # the demo's runs, in the report's order
 
 
-
 def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
