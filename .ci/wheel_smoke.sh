@@ -52,3 +52,4 @@ posttrain report runs/sft-tiny runs/ppo-tiny
 for run in sft-tiny sentiment-classifier rm-tiny ppo-tiny grpo-tiny dpo-tiny online-dpo-tiny; do
   test -f "runs/$run/final/config.json"
 done
+set +x
