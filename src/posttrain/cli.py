@@ -2,6 +2,9 @@
 
 Every command has one typed config (``posttrain.config``); ``--help`` lists its
 keys. ``--nproc N`` relaunches the command under ``torch.distributed.run``.
+A config path ``examples/...`` that is not in the working directory is the copy
+shipped with the package, so the README's commands run from any folder;
+``posttrain examples [DEST]`` lists those configs or copies them to DEST.
 """
 
 from __future__ import annotations
@@ -10,12 +13,17 @@ import dataclasses
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 from posttrain.config import COMMANDS, ConfigError, help_text, load_config
 from posttrain.errors import PosttrainError
+
+# the example and demo configs, package data (pyproject.toml): beside this module in a checkout and in a wheel
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 # command -> "module:function"; imported lazily so `posttrain --help` stays fast
 ENTRY = {
@@ -58,6 +66,9 @@ commands:
   tiny-model   write the embedded default model and tokenizer
   task         write a built-in task's data files: posttrain task NAME OUT_DIR
   report       markdown + PNG report for one or more runs
+  examples     list the shipped example configs; `posttrain examples DEST` copies them to DEST
+
+A CONFIG.yaml `examples/NAME.yaml` that is not in the working directory is the shipped copy.
 """
 
 
@@ -122,6 +133,36 @@ def parse_args(command: str, argv: list[str]) -> tuple[str | None, list[str], in
     return path, plain, nproc
 
 
+def config_file(path: str | None) -> str | None:
+    """`path` as given, or the shipped copy when `path` is `examples/...` and no such file is here."""
+    if path is None or Path(path).is_file() or Path(path).parts[:1] != ("examples",):
+        return path
+    shipped = EXAMPLES.joinpath(*Path(path).parts[1:])
+    if not shipped.is_file():
+        return path
+    print(f"config: {path} is not in this folder; using the copy shipped with posttrain, {shipped}", flush=True)
+    return str(shipped)
+
+
+def examples(argv: list[str]) -> int:
+    """`posttrain examples`: each shipped config with its first comment line; `posttrain examples DEST`: copy them."""
+    if argv and argv[0] not in ("-h", "--help"):
+        dest = Path(argv[0])
+        if dest.exists():
+            print(f"posttrain examples: error: {dest} exists; give a new folder to copy the examples into", file=sys.stderr)
+            return 2
+        shutil.copytree(EXAMPLES, dest, ignore=shutil.ignore_patterns("__pycache__"))
+        print(f"copied {len(list(dest.rglob('*.yaml')))} configs to {dest}")
+        return 0
+    print(f"example configs shipped with posttrain (run one as `posttrain CMD examples/NAME.yaml`; copy them all with "
+          f"`posttrain examples DEST`), in {EXAMPLES}:")
+    for f in sorted(EXAMPLES.rglob("*.yaml")):
+        first = f.read_text(encoding="utf-8").splitlines()[:1]
+        about = first[0].lstrip("# ") if first and first[0].startswith("#") else ""
+        print(f"  examples/{f.relative_to(EXAMPLES).as_posix():32s} {about}")
+    return 0
+
+
 def _relaunch(nproc: int, command: str, argv: list[str]) -> int:
     rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -146,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "examples":
+        return examples(rest)
     if command not in COMMANDS:
         import difflib
 
@@ -159,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         path, overrides, nproc = parse_args(command, rest)
+        path = config_file(path)
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
             return _relaunch(nproc, command, rest)
         cfg = load_config(COMMANDS[command], path, overrides)

@@ -9,7 +9,8 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.config import DemoConfig
-from posttrain.recipes.demo import METHODS, difference, findings, is_fresh, pipeline
+from posttrain.recipes.demo import is_fresh, pipeline
+from posttrain.report.demo import METHODS, difference, findings
 
 STAGES = ["tiny", "task", "sft", "rm", "ppo-rm", "ppo-verifier", "dpo", "sft-chosen", "sft+dpo", "dpo-iter"]
 
