@@ -41,22 +41,21 @@ interrupted part-way is redone from its start).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import shutil
+import math
 from pathlib import Path
 
 import torch
 
 from posttrain.config import ConfigError, OnlineDPOConfig
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
-from posttrain.engine import (Checkpointer, all_reduce_sum, build_optimizer, build_scheduler,
-                              contiguous_share, load_checkpoint, resolve_resume, setup_run, total_steps_for, unwrap,
-                              wrap_model)
+from posttrain.engine import (all_reduce_sum, autocast_dtype, build_optimizer, build_scheduler, contiguous_share,
+                              setup_run, steps_per_epoch, unwrap, wrap_model)
 from posttrain.engine.dist import gather_lists
-from posttrain.engine.loop import fit
-from posttrain.models import apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, save_pretrained_atomic
+from posttrain.engine.loop import BatchPlan, FitResult, LoopSettings, Steps, fit
+from posttrain.models import apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer
+from posttrain.recipes.common import resume_step, save_final
 from posttrain.recipes.dpo import (adapter_free_reference, cache_reference, check_config, collate_dpo, dpo_objective,
-                                   frozen_reference)
+                                   frozen_reference, sequence_tokens)
 from posttrain.rewards import build_reward
 from posttrain.rewards.base import prompt_text
 from posttrain.rollout.sampler import Sampler
@@ -165,31 +164,25 @@ def gold_reward(sampler: Sampler, tok, task, prompts: list[dict], dist=None) -> 
 # --------------------------------------------------------------------------- one round of DPO
 
 
-class RoundLogger:
-    """The run's logger with the round's step offset and a `round` field on every record."""
+def train_round(run, cfg: OnlineDPOConfig, model, tok, pairs: list[dict], reference, r: int, offset: int) -> FitResult:
+    """Offline DPO on this round's pairs (reference log-probs cached in the items, or `reference` live): a fresh
+    optimizer and schedule, `epochs_per_round` epochs (or `max_steps` steps); logged with the round and the run's
+    step count. No checkpoint inside a round: a stopped round is redone from its start."""
+    per_epoch = steps_per_epoch(len(pairs), cfg, run.dist.world_size)
+    n_steps = int(cfg.max_steps) if int(cfg.max_steps) > 0 else max(1, math.ceil(cfg.epochs_per_round * per_epoch))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, n_steps)
 
-    def __init__(self, logger, offset: int, r: int):
-        self.logger, self.offset, self.r = logger, offset, r
+    def log(metrics: dict, *, step: int, epoch: float | None = None) -> dict:
+        return run.logger.log({"round": r, **metrics}, step=offset + step)
 
-    def log(self, metrics: dict, *, step: int, epoch: float | None = None) -> dict:
-        return self.logger.log({"round": self.r, **metrics}, step=self.offset + step)
-
-
-def train_round(run, cfg: OnlineDPOConfig, model, tok, pairs: list[dict], reference, r: int, offset: int):
-    """Offline DPO on this round's pairs (reference log-probs cached in the items, or `reference` live)."""
-    round_cfg = dataclasses.replace(cfg, num_epochs=float(cfg.epochs_per_round), resume="false",
-                                    save=dataclasses.replace(cfg.save, steps=0))
-    scratch = run.output_dir / f".round-{r}"  # where fit would put a checkpoint on a stop signal
-    round_run = dataclasses.replace(run, cfg=round_cfg, logger=RoundLogger(run.logger, offset, r),
-                                    checkpointer=Checkpointer(scratch, keep=1))
-    optimizer = build_optimizer(model, round_cfg)
-    scheduler = build_scheduler(optimizer, round_cfg, total_steps_for(len(pairs), round_cfg, run.dist.world_size))
-    result = fit(round_run, model, optimizer, scheduler, pairs, collate=collate_dpo(tok.pad_token_id, run.device),
-                 loss_fn=dpo_objective(cfg, reference), count_fn=lambda b: b.num_pairs,
-                 tokens_fn=lambda b: int(b.pairs.attention_mask.sum()), tokenizer=tok)
-    if run.dist.is_main:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return result
+    loop = LoopSettings(total_steps=n_steps, log_every=max(1, int(cfg.logging.steps)),
+                        progress=bool(cfg.logging.progress), desc=f"online-dpo round {r}")
+    plan = BatchPlan(int(cfg.batch_size), int(cfg.grad_accum), per_epoch, int(cfg.seed), bool(cfg.data.shuffle))
+    return fit(model, optimizer, scheduler, pairs, loop=loop, plan=plan, dist=run.dist,
+               collate=collate_dpo(tok.pad_token_id, run.device), loss_fn=dpo_objective(cfg, reference),
+               count_fn=lambda b: b.num_pairs, tokens_fn=sequence_tokens, log=log,
+               max_grad_norm=float(cfg.max_grad_norm), autocast_dtype=autocast_dtype(cfg, run.device))
 
 
 def round_reference(cfg: OnlineDPOConfig, r: int, model, initial):
@@ -252,21 +245,17 @@ def main(cfg: OnlineDPOConfig) -> dict:
     if is_main:
         print(f"prompts: {len(prompts)} ({dropped} too long); model: {total / 1e6:.2f}M parameters, "
               f"{trainable / 1e6:.2f}M trainable", flush=True)
-    start, step = 1, 0
-    resume_from = resolve_resume(cfg.resume, run.output_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model=model)
-        start, step = int(state["round"]) + 1, int(state["step"])
-        if is_main:
-            print(f"resumed from {resume_from}: round {start - 1} done, step {step}", flush=True)
+    step, saved = resume_step(run, cfg, model)  # step: optimizer steps so far
+    done = int(saved.get("round", 0))  # rounds already taken
     initial = initial_reference(cfg, model, load)
     model = wrap_model(model, run.dist, cfg.strategy)
     sampler = Sampler(unwrap(model), tok, cfg.rollout)
     record: dict = {}
-    if task is not None and start == 1:
+    if task is not None and done == 0:
         record = run.logger.log({"round": 0, "eval_gold_reward": gold_reward(sampler, tok, task, held_out, run.dist)}, step=0)
 
-    for r in range(start, cfg.rounds + 1):
+    rounds = Steps(LoopSettings(total_steps=cfg.rounds, start_step=done, progress=False, unit="round"), run.dist)
+    for r in rounds:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r)  # the round's samples: (seed, r) only
         pairs, stats = sample_pairs(sampler, tok, reward, round_prompts(prompts, cfg, r), cfg.samples_per_prompt, generator,
                                     run.dist)  # this rank's pairs; stats over all ranks
@@ -292,10 +281,11 @@ def main(cfg: OnlineDPOConfig) -> dict:
         if is_main:
             print(f"round {r}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()), flush=True)
         run.checkpointer.save(step, model=unwrap(model), extra={"round": r}, tokenizer=tok)
+    if rounds.stopped:  # a signal between rounds: the last round's checkpoint is the resume point
+        run.close()
+        return {"round": rounds.step, "step": step, "stopped": True}
 
-    if is_main:
-        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora)
-        print(f"saved {out}", flush=True)
+    save_final(run, cfg, model, tok)
     run.close()
     return {"round": cfg.rounds, "step": step, "stopped": False,
             **{k: v for k, v in record.items() if k not in ("step", "epoch")}}

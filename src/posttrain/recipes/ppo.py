@@ -62,18 +62,19 @@ from torch import nn
 
 from posttrain.config import ConfigError, PPOConfig
 from posttrain.data import epoch_order, load_examples, tokenize_prompt
-from posttrain.engine import (Progress, StopSignal, all_reduce_sum, autocast_dtype, build_scheduler, contiguous_share,
-                              ema_update, resolve_resume, setup_run, train_step, wrap_model)
+from posttrain.engine import (all_reduce_sum, autocast_dtype, build_scheduler, contiguous_share, ema_update, setup_run,
+                              train_step, wrap_model)
 from posttrain.engine.dist import DistInfo
-from posttrain.engine.logging import write_bench_json
+from posttrain.engine.loop import LoopSettings, Steps
 from posttrain.engine.optim import adamw, param_groups
 from posttrain.losses import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, gae_advantages, grpo_advantages,
                               kl_estimate, masked_whiten, per_token_rewards, policy_loss, reinforce_pp_returns,
                               rloo_advantages, value_loss)
 from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_causal_lm, load_sequence_classifier,
-                              load_tokenizer, reference_context, save_pretrained_atomic, token_logprobs, token_values)
+                              load_tokenizer, reference_context, token_logprobs, token_values)
 from posttrain.rewards import build_reward, prompt_text
 from posttrain.rewards.model import reward_folder
+from posttrain.recipes.common import resume_step, save_final
 from posttrain.rollout.sampler import Sampler
 
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
@@ -421,28 +422,18 @@ def load_inputs(cfg: PPOConfig, tok):
     return prompts, get_task(cfg.eval_task), load_prompts(eval_sources(cfg, sources), cfg, tok, cfg.eval_prompts)
 
 
-def log_iteration(run, cfg: PPOConfig, iteration: int, last: bool, metrics: dict, samples: list, progress) -> dict:
+def log_iteration(run, cfg: PPOConfig, iterations: Steps, iteration: int, metrics: dict, samples: list) -> dict:
     """metrics.jsonl, samples.jsonl and a progress line every logging.steps iterations."""
     record = run.logger.log(metrics, step=iteration)
-    progress.update(1, score=metrics["objective/scores"], kl=metrics["objective/kl"])
+    iterations.show(score=metrics["objective/scores"], kl=metrics["objective/kl"])
     if run.dist.is_main:
         with open(run.output_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             for sample in samples:
                 f.write(json.dumps({"iteration": iteration, **sample}) + "\n")
-        if iteration % max(1, cfg.logging.steps) == 0 or last:
-            shown = {k: round(record[k], 4) for k in ("objective/scores", "objective/kl", "eval/gold_accuracy") if k in record}
-            progress.write(f"iteration {iteration}: {shown} | {samples[0]['completion']!r}")
+    if iterations.due(max(1, cfg.logging.steps), iteration):
+        shown = {k: round(record[k], 4) for k in ("objective/scores", "objective/kl", "eval/gold_accuracy") if k in record}
+        iterations.write(f"iteration {iteration}: {shown} | {samples[0]['completion']!r}")
     return record
-
-
-def save_final(run, cfg: PPOConfig, models: Models, tok) -> None:
-    """final/ = the policy's HF folder, final/critic/ = the critic's."""
-    def save_critic(folder: Path) -> None:
-        if models.critic is not None:
-            models.critic.save_pretrained(str(folder / "critic"))
-
-    out = save_pretrained_atomic(models.policy, tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora, extra=save_critic)
-    print(f"saved {out}", flush=True)
 
 
 def main(cfg: PPOConfig) -> dict:
@@ -467,52 +458,42 @@ def main(cfg: PPOConfig) -> dict:
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
               if cfg.adaptive_kl_target > 0 else FixedKLController(cfg.kl_coef))
 
-    iteration, record = 0, {}
-    resume_from = resolve_resume(cfg.resume, run.output_dir)
-    if resume_from is not None:
-        saved = run.checkpointer.load(resume_from, model=state, optimizer=optimizer, scheduler=scheduler)
-        iteration, kl_ctl.value = int(saved["step"]), float(saved["kl_coef"])
-        if run.dist.is_main:
-            print(f"resumed from {resume_from} at iteration {iteration}", flush=True)
+    record: dict = {}
+    start, saved = resume_step(run, cfg, state, optimizer, scheduler, unit="iteration")
+    if saved:
+        kl_ctl.value = float(saved["kl_coef"])
     elif task is not None:
         run.logger.log({**evaluate(cfg, sampler, tok, task, held_out, 0, run.dist), "episodes": 0}, step=0)
 
-    progress = Progress(n_iterations, desc="ppo", enabled=run.dist.is_main and cfg.logging.progress, initial=iteration)
-    loop_start, first_iteration, tokens = time.perf_counter(), iteration, 0
-    with StopSignal() as stop, progress:
-        while iteration < n_iterations:
-            # one generator per iteration for sampling and minibatch order: a resumed run draws the same
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
-            t0 = time.perf_counter()
-            batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration, generator, task,
-                                                              run.dist)
-            batch = batch.to(device)
-            exp, exp_stats = make_experience(cfg, models, batch, scores.to(device), kl_ctl.value, amp,
-                                             sampled_logp=batch.logprobs if amp is None else None, dist=run.dist)
-            t1 = time.perf_counter()
-            tokens += int(batch.attention_mask.sum())
-            train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator)
-            kl_ctl.update(exp_stats["objective/kl"], cfg.rollout.batch_size)
-            iteration += 1
-            metrics = {**stats, **exp_stats, **train_stats, "rollout/seconds": t1 - t0,
-                       "train/seconds": time.perf_counter() - t1, "episodes": iteration * cfg.rollout.batch_size}
-            if task is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or iteration == n_iterations):
-                metrics.update(evaluate(cfg, sampler, tok, task, held_out, iteration, run.dist))
-            record = log_iteration(run, cfg, iteration, iteration == n_iterations, metrics, samples, progress)
-            stopping = stop.should_stop(run.dist)
-            if (cfg.save.steps and iteration % cfg.save.steps == 0 and iteration < n_iterations) or stopping:
-                run.checkpointer.save(iteration, model=state, optimizer=optimizer, scheduler=scheduler,
-                                      extra={"kl_coef": kl_ctl.value})
-            if stopping:
-                progress.write(f"{stop.name or 'signal'}: saved checkpoint at iteration {iteration}; resume with resume=auto")
-                run.close()
-                return {"iteration": iteration, "stopped": True, **record}
-    tokens = int(all_reduce_sum(torch.tensor(tokens, dtype=torch.float64, device=device)).item())
-    if run.dist.is_main:
-        write_bench_json(steps=iteration - first_iteration, tokens=tokens, wall_s=time.perf_counter() - loop_start,
-                         final_loss=record.get("loss/policy_avg"), params=sum(p.numel() for p in models.policy.parameters()),
-                         units=(iteration - first_iteration) * cfg.rollout.batch_size, unit="episodes")
-    if run.dist.is_main:
-        save_final(run, cfg, models, tok)
+    def checkpoint(iteration: int) -> None:
+        run.checkpointer.save(iteration, model=state, optimizer=optimizer, scheduler=scheduler,
+                              extra={"kl_coef": kl_ctl.value})
+
+    loop = LoopSettings(total_steps=n_iterations, start_step=start, log_every=max(1, cfg.logging.steps),
+                        save_every=cfg.save.steps, progress=cfg.logging.progress, desc="ppo", unit="iteration")
+    iterations = Steps(loop, run.dist, checkpoint)
+    for iteration in iterations:  # 1-based; the rollout of iteration i draws from (seed, i - 1)
+        # one generator per iteration for sampling and minibatch order: a resumed run draws the same
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration - 1)
+        t0 = time.perf_counter()
+        batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration - 1, generator,
+                                                          task, run.dist)
+        batch = batch.to(device)
+        exp, exp_stats = make_experience(cfg, models, batch, scores.to(device), kl_ctl.value, amp,
+                                         sampled_logp=batch.logprobs if amp is None else None, dist=run.dist)
+        t1 = time.perf_counter()
+        train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator)
+        kl_ctl.update(exp_stats["objective/kl"], cfg.rollout.batch_size)
+        metrics = {**stats, **exp_stats, **train_stats, "rollout/seconds": t1 - t0,
+                   "train/seconds": time.perf_counter() - t1, "episodes": iteration * cfg.rollout.batch_size}
+        if task is not None and iterations.due(cfg.eval_every, iteration):
+            metrics.update(evaluate(cfg, sampler, tok, task, held_out, iteration, run.dist))
+        record = log_iteration(run, cfg, iterations, iteration, metrics, samples)
+    if iterations.stopped:
+        run.close()
+        return {"iteration": iterations.step, "stopped": True, **record}
+    critic = models.critic
+    save_final(run, cfg, models.policy, tok,  # final/ = the policy's HF folder, final/critic/ = the critic's
+               extra=(lambda folder: critic.save_pretrained(str(folder / "critic"))) if critic is not None else None)
     run.close()
-    return {"iteration": iteration, "stopped": False, **record}
+    return {"iteration": iterations.step, "stopped": False, **record}

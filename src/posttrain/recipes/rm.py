@@ -44,14 +44,13 @@ import torch
 from posttrain.config import RMConfig
 from posttrain.data import (PairBatch, RankingBatch, SharedPromptPairs, collate_pairs, collate_prompts,
                             collate_rankings, collate_shared_pairs)
-from posttrain.engine import contiguous_share, full_model_state, setup_run, unwrap
+from posttrain.engine import contiguous_share, setup_run, unwrap
 from posttrain.engine.dist import EvalShare, gather_lists, is_fsdp
-from posttrain.engine.loop import fit
 from posttrain.losses import bradley_terry_loss
-from posttrain.models import (load_sequence_classifier, load_tokenizer, save_pretrained_atomic, sequence_scores,
+from posttrain.models import (load_sequence_classifier, load_tokenizer, sequence_scores,
                               sequence_scores_at)
 from posttrain.models import unwrap as base_model
-from posttrain.recipes.common import load_data, prepare_trainable
+from posttrain.recipes.common import load_data, prepare_trainable, save_final, train
 
 
 # --------------------------------------------------------------------------- forward and loss
@@ -190,9 +189,9 @@ def main(cfg: RMConfig) -> dict:
 
     run.logger.log(data.summary, step=0)
     model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type="seq_cls", n_items=len(data.train))
-    result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=make_loss(cfg),
-                 count_fn=num_examples, tokens_fn=sequence_tokens,
-                 evaluate=make_evaluate(data.eval, cfg, collate, run.dist) if data.eval else None, tokenizer=tok)
+    result = train(run, cfg, model, optimizer, scheduler, data.train, collate=collate, loss_fn=make_loss(cfg),
+                   count_fn=num_examples, tokens_fn=sequence_tokens,
+                   evaluate=make_evaluate(data.eval, cfg, collate, run.dist) if data.eval else None, tokenizer=tok)
     norm: dict[str, float] = {}
     if not result.stopped:
         if cfg.normalize:
@@ -203,11 +202,7 @@ def main(cfg: RMConfig) -> dict:
             base_model(model).config.posttrain_reward_scale = scale
             norm = {"normalize/bias": bias, "normalize/scale": scale}
             run.logger.log(norm, step=result.step)
-        state = full_model_state(model)  # FSDP2: gathered from the shards on every rank; else None
-        if run.dist.is_main:
-            out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
-                                         state_dict=state)
-            print(f"saved {out}" + (f" (reward bias {norm['normalize/bias']:.4g}, scale {norm['normalize/scale']:.4g})"
-                                    if norm else ""), flush=True)
+        save_final(run, cfg, model, tok, note=f" (reward bias {norm['normalize/bias']:.4g}, scale "
+                                              f"{norm['normalize/scale']:.4g})" if norm else "")
     run.close()
     return {"step": result.step, "stopped": result.stopped, **result.last_metrics, **result.eval_metrics, **norm}
