@@ -44,24 +44,18 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *, sum_over_ranks=None) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *,
+                  mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> torch.Tensor:
     """(x - mean) / std over the valid positions; padding is returned as 0.
 
     With shift_mean=False the mean is added back (only the scale changes), as done for rewards
-    in Huang et al. 2024 so that the sign of a reward survives whitening. ``sum_over_ranks`` (e.g.
-    ``engine.all_reduce_sum``): the mean and the (Bessel-corrected) variance are those of the valid positions of
-    every process's ``x`` together, the statistics one process holding the whole batch would compute.
+    in Huang et al. 2024 so that the sign of a reward survives whitening. ``mean`` and ``var`` default to the
+    valid positions' mean and Bessel-corrected variance; a caller whose batch is larger than ``x`` (the other
+    rows live on other processes: ``engine.dist.RolloutShare.whiten``) passes the whole batch's.
     """
     mask = mask.bool()
-    if sum_over_ranks is None:
-        mean, var = masked_mean(x, mask), masked_var(x, mask)
-    else:
-        valid = _valid(x, mask)
-        total, count = sum_over_ranks(torch.stack([valid.sum(), mask.sum().to(valid.dtype)])).unbind()
-        if count < 2:
-            raise ValueError(f"masked_whiten needs at least 2 valid positions over all ranks, got {int(count)}")
-        mean = total / count
-        var = sum_over_ranks(_valid((valid - mean) ** 2, mask).sum()) / (count - 1)
+    mean = masked_mean(x, mask) if mean is None else mean
+    var = masked_var(x, mask) if var is None else var
     whitened = (_valid(x, mask) - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
