@@ -127,7 +127,7 @@ class EvalShare:
     def __init__(self, items: list, model: nn.Module, dist: DistInfo | None):
         self.split = dist is not None and dist.distributed and not is_fsdp(model)
         lo, hi = contiguous_share(len(items), dist) if self.split else (0, len(items))
-        self.items, self.model = items[lo:hi], unwrap(model) if self.split else model
+        self.items, self.model = items[lo:hi], unwrap_parallel(model) if self.split else model
 
     def sum(self, values: list[float]) -> list[float]:
         """Per-rank sums -> the whole set's sums."""
@@ -263,8 +263,9 @@ def wrap_model(model: nn.Module, dist: DistInfo, strategy: str = "ddp") -> nn.Mo
     return wrapped
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP wrapper (FSDP2 shards in place, so it is the module)."""
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (FSDP2 shards in place, so it is the module); a peft model stays one
+    (`models.unwrap` goes on to the transformers model inside)."""
     while isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     return model

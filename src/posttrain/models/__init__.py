@@ -11,7 +11,6 @@ from posttrain.models.adapt import (
 from posttrain.models.forward import (
     last_token_index,
     lm_head_weight,
-    position_ids_from_mask,
     sequence_scores,
     sequence_scores_at,
     token_logprobs,
@@ -43,7 +42,6 @@ __all__ = [
     "load_causal_lm",
     "load_sequence_classifier",
     "load_tokenizer",
-    "position_ids_from_mask",
     "reference_context",
     "resolve_dtype",
     "save_pretrained_atomic",

@@ -12,15 +12,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from posttrain.data.collate import positions_from_mask
 from posttrain.losses.logprobs import logprobs_from_hidden
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, ... counted over real tokens, so a left-padded row matches its unpadded self.
-
-    attention_mask: (B, T) with 1 = token, 0 = pad. Pads get position 0 (they are masked anyway).
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -99,7 +92,7 @@ def _final_hidden(model: nn.Module, input_ids, attention_mask, position_ids, **k
     packed = (attention_mask is None and position_ids is not None and bool((position_ids[:, 0] == 0).all())
               and config._attn_implementation == "sdpa" and ALL_ATTENTION_FUNCTIONS["sdpa"] is _sdpa_or_varlen)
     if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
+        position_ids = positions_from_mask(attention_mask)
     if packed:
         segments = _segments(position_ids)
         window = getattr(config, "sliding_window", None)

@@ -16,7 +16,7 @@ from torch import nn
 
 from posttrain.data import DataStats, label_maps, load_examples, tokenize_examples, train_eval_split
 from posttrain.engine import (RunContext, autocast_dtype, build_optimizer, build_scheduler, full_model_state,
-                              resolve_resume, steps_per_epoch, total_steps_for, unwrap, wrap_model)
+                              resolve_resume, steps_per_epoch, total_steps_for, unwrap_parallel, wrap_model)
 from posttrain.engine.loop import BatchPlan, FitResult, LoopSettings, fit
 from posttrain.errors import DataError
 from posttrain.models import apply_freeze, apply_lora, count_parameters, save_pretrained_atomic
@@ -81,7 +81,7 @@ def resume_step(run: RunContext, cfg: Any, state: nn.Module, optimizer=None, sch
     resume_from = resolve_resume(cfg.resume, run.output_dir)
     if resume_from is None:
         return 0, {}
-    saved = run.checkpointer.load(resume_from, model=unwrap(state), optimizer=optimizer, scheduler=scheduler)
+    saved = run.checkpointer.load(resume_from, model=unwrap_parallel(state), optimizer=optimizer, scheduler=scheduler)
     if run.dist.is_main:
         print(f"resumed from {resume_from} at {unit} {int(saved['step'])}", flush=True)
     return int(saved["step"]), saved
@@ -101,7 +101,7 @@ def train(run: RunContext, cfg: Any, model: nn.Module, optimizer, scheduler, ite
                      bool(cfg.data.shuffle))
 
     def checkpoint(step: int) -> None:
-        run.checkpointer.save(step, model=unwrap(model), optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer)
+        run.checkpointer.save(step, model=unwrap_parallel(model), optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer)
 
     return fit(model, optimizer, scheduler, items, loop=loop, plan=plan, dist=run.dist, collate=collate,
                loss_fn=loss_fn, count_fn=count_fn, tokens_fn=tokens_fn, log=run.logger.log,
@@ -116,6 +116,6 @@ def save_final(run: RunContext, cfg: Any, model: nn.Module, tok: Any, *, extra: 
     `extra(folder)` adds files to it before it appears (PPO's critic)."""
     state = full_model_state(model)
     if run.dist.is_main:
-        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
+        out = save_pretrained_atomic(unwrap_parallel(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
                                      state_dict=state, extra=extra)
         print(f"saved {out}{note}", flush=True)

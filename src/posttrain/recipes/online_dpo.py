@@ -48,7 +48,8 @@ import torch
 
 from posttrain.config import ConfigError, OnlineDPOConfig
 from posttrain.data import prompt_order
-from posttrain.engine import autocast_dtype, build_optimizer, build_scheduler, setup_run, steps_per_epoch, unwrap, wrap_model
+from posttrain.engine import (autocast_dtype, build_optimizer, build_scheduler, setup_run, steps_per_epoch,
+                              unwrap_parallel, wrap_model)
 from posttrain.engine.dist import RolloutShare
 from posttrain.engine.loop import BatchPlan, FitResult, LoopSettings, Steps, fit
 from posttrain.models import apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer
@@ -139,8 +140,8 @@ def round_reference(cfg: OnlineDPOConfig, r: int, model, initial):
     if cfg.precompute_ref:
         # used before the round's first update: it is the round-start policy. The bare model, not the DDP wrapper:
         # each rank scores its own pairs, a different number of forwards, and a DDP forward is a collective.
-        return frozen_reference(unwrap(model))
-    return frozen_reference(copy.deepcopy(unwrap(model)).requires_grad_(False))
+        return frozen_reference(unwrap_parallel(model))
+    return frozen_reference(copy.deepcopy(unwrap_parallel(model)).requires_grad_(False))
 
 
 def initial_reference(cfg: OnlineDPOConfig, model, load):
@@ -189,7 +190,7 @@ def main(cfg: OnlineDPOConfig) -> dict:
     done = int(saved.get("round", 0))  # rounds already taken
     initial = initial_reference(cfg, model, load)
     model = wrap_model(model, run.dist, cfg.strategy)
-    sampler = Sampler(unwrap(model), tok, cfg.rollout)
+    sampler = Sampler(unwrap_parallel(model), tok, cfg.rollout)
     record: dict = {}
     if task is not None and done == 0:
         record = run.logger.log({"round": 0, "eval_gold_reward": gold_accuracy(sampler, tok, task, held_out, run.dist)[0]},
@@ -222,7 +223,7 @@ def main(cfg: OnlineDPOConfig) -> dict:
         record = run.logger.log({"round": r, **stats, **last}, step=step)
         if is_main:
             print(f"round {r}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()), flush=True)
-        run.checkpointer.save(step, model=unwrap(model), extra={"round": r}, tokenizer=tok)
+        run.checkpointer.save(step, model=unwrap_parallel(model), extra={"round": r}, tokenizer=tok)
     if rounds.stopped:  # a signal between rounds: the last round's checkpoint is the resume point
         run.close()
         return {"round": rounds.step, "step": step, "stopped": True}

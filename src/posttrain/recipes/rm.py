@@ -44,8 +44,8 @@ import torch
 from posttrain.config import RMConfig
 from posttrain.data import (PairBatch, RankingBatch, SharedPromptPairs, collate_pairs, collate_prompts,
                             collate_rankings, collate_shared_pairs)
-from posttrain.engine import contiguous_share, setup_run, unwrap
-from posttrain.engine.dist import EvalShare, gather_lists, is_fsdp
+from posttrain.engine import setup_run
+from posttrain.engine.dist import EvalShare
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import (load_sequence_classifier, load_tokenizer, sequence_scores,
                               sequence_scores_at)
@@ -149,14 +149,10 @@ def chosen_rewards(model, items, pad_id: int, batch_size: int, device) -> torch.
 
 
 def chosen_rewards_over_ranks(model, items, pad_id: int, batch_size: int, device, dist) -> torch.Tensor:
-    """`chosen_rewards` of every item, each rank scoring a contiguous share through the bare model (a DDP forward is a
-    collective, and the shares may differ in size) and the scores gathered in item order. An FSDP2-sharded model
-    needs every rank in every forward, so there each rank scores all items."""
-    if not dist.distributed or is_fsdp(model):
-        return chosen_rewards(model, items, pad_id, batch_size, device)
-    lo, hi = contiguous_share(len(items), dist)
-    mine = chosen_rewards(unwrap(model), items[lo:hi], pad_id, batch_size, device).tolist() if hi > lo else []
-    return torch.tensor(gather_lists(mine), dtype=torch.float32)
+    """`chosen_rewards` of every item, each rank scoring its `EvalShare` of them, gathered in item order."""
+    share = EvalShare(items, model, dist)
+    mine = chosen_rewards(share.model, share.items, pad_id, batch_size, device).tolist() if share.items else []
+    return torch.tensor(share.gather(mine), dtype=torch.float32)
 
 
 def reward_normalisation(rewards: torch.Tensor) -> tuple[float, float]:
