@@ -22,6 +22,12 @@ from posttrain.losses.ppo import (
 )
 
 
+def _mean(stat) -> float:
+    """A (sum, count) stat as its mean."""
+    total, count = stat
+    return float(total) / float(count)
+
+
 def _lengths_mask(lengths, width):
     return torch.arange(width) < torch.tensor(lengths)[:, None]  # (B, T)
 
@@ -176,9 +182,9 @@ def test_policy_loss_hand_values():
     mask = _lengths_mask([3], 4)
     loss, s = policy_loss(logp, old, torch.ones(1, 4), mask, clip_range=0.2)
     torch.testing.assert_close(loss, torch.tensor([[-1.0, -1.2, -0.5, 0.0]]))
-    assert s["policy/clipfrac_avg"].item() == pytest.approx(1 / 3)
-    assert s["policy/approxkl_avg"].item() == pytest.approx((0.5 * math.log(1.5) ** 2 + 0.5 * math.log(0.5) ** 2) / 3, rel=1e-6)
-    assert s["loss/policy_avg"].item() == pytest.approx(-0.9, rel=1e-6)
+    assert _mean(s["policy/clipfrac_avg"]) == pytest.approx(1 / 3)
+    assert _mean(s["policy/approxkl_avg"]) == pytest.approx((0.5 * math.log(1.5) ** 2 + 0.5 * math.log(0.5) ** 2) / 3, rel=1e-6)
+    assert _mean(s["loss/policy_avg"]) == pytest.approx(-0.9, rel=1e-6)
 
 
 def test_policy_loss_negative_advantage_and_gradient():
@@ -219,8 +225,8 @@ def test_value_loss_hand_values():
     values = torch.tensor([[0.5, 0.1, -0.5, 3.0]])
     loss, s = value_loss(values, torch.zeros(1, 4), torch.ones(1, 4), _lengths_mask([3], 4), clip=0.2)
     torch.testing.assert_close(loss, torch.tensor([[0.32, 0.405, 1.125, 0.0]]))
-    assert s["loss/value_avg"].item() == pytest.approx(1.85 / 3, rel=1e-6)
-    assert s["val/clipfrac_avg"].item() == pytest.approx(1 / 3)
+    assert _mean(s["loss/value_avg"]) == pytest.approx(1.85 / 3, rel=1e-6)
+    assert _mean(s["val/clipfrac_avg"]) == pytest.approx(1 / 3)
 
 
 def test_value_loss_no_clip_is_half_squared_error_and_padding_invariant():

@@ -162,9 +162,8 @@ def dpo_objective(cfg: DPOConfig, reference: Reference | None = None):
         if cfg.sft_weight:
             nll = -logps[:b] / n_tokens[:b].clamp(min=1)  # (B,) token-mean NLL of each chosen completion
             per_pair = per_pair + cfg.sft_weight * nll
-            stats["nll_loss"] = nll.detach().mean()
-        # dpo_loss's stats are means over this batch's b pairs: (mean * b, b) is their (sum, count)
-        return per_pair.sum(), {k: (v * b, b) for k, v in stats.items()}
+            stats["nll_loss"] = (nll.detach().sum(), b)
+        return per_pair.sum(), stats
     return loss_fn
 
 

@@ -301,8 +301,7 @@ def ppo_loss_fn(cfg: PPOConfig, kl_coef: float):
             values = response_values(model["critic"], *args)  # (n, R)
             vloss, vstats = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip)
             loss, stats = loss + cfg.vf_coef * vloss, {**stats, **vstats}
-        n = mb.mask.sum()
-        return loss.sum(), {k: (v * n, n) for k, v in stats.items()}
+        return loss.sum(), stats
     return loss_fn
 
 
@@ -343,14 +342,14 @@ def evaluate(cfg, sampler, tok, task, held_out: Prompts, iteration: int, dist: D
 
 
 def log_iteration(run, cfg: PPOConfig, iterations: Steps, iteration: int, metrics: dict, samples: list) -> dict:
-    """metrics.jsonl, samples.jsonl and a progress line every logging.steps iterations."""
+    """metrics.jsonl and samples.jsonl every iteration; a progress line every `log_every` (logging.steps)."""
     record = run.logger.log(metrics, step=iteration)
     iterations.show(score=metrics["objective/scores"], kl=metrics["objective/kl"])
     if run.dist.is_main:
         with open(run.output_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             for sample in samples:
                 f.write(json.dumps({"iteration": iteration, **sample}) + "\n")
-    if iterations.due(max(1, cfg.logging.steps), iteration):
+    if iterations.due(iterations.settings.log_every, iteration):
         shown = {k: round(record[k], 4) for k in ("objective/scores", "objective/kl", "eval/gold_accuracy") if k in record}
         iterations.write(f"iteration {iteration}: {shown} | {samples[0]['completion']!r}")
     return record
