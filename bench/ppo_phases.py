@@ -163,7 +163,6 @@ def main() -> int:
     for _ in range(a.repeats):
         for side, cmd in (("posttrain", posttrain_cmd), ("trl", peer_cmd)):
             env = {**os.environ, "OMP_NUM_THREADS": threads}
-            env.pop("POSTTRAIN_BENCH_JSON", None)
             runs[side].append(run_side(cmd, side, env))
     med = {s: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in set().union(*rs)} for s, rs in runs.items()}
     print(f"{a.case}, medians of {a.repeats} runs a side, {threads} threads, seconds over the whole run:\n")

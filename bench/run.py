@@ -12,7 +12,8 @@ reports medians. See bench/README.md for how to read the tables.
 
 Measurements, the same for both sides:
 - wall time of the training loop, tokens, steps, final loss: from the JSON each side writes
-  (the peers: ``--out``; posttrain: ``$POSTTRAIN_BENCH_JSON``), same fields.
+  (the peers: ``--out``); posttrain carries no benchmark hook, so its fields are read from its
+  ``metrics.jsonl`` and log (``posttrain_result``).
 - peak resident memory: the kernel's high-water mark of the child process, from ``os.wait4``'s
   rusage (``ru_maxrss``; what ``/usr/bin/time -v`` prints as "Maximum resident set size").
 - hardware limit: best of a few float32 2048x2048 ``torch.mm`` at the same thread count;
@@ -32,12 +33,14 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -395,38 +398,57 @@ def child_env(threads: int, extra: dict | None = None, peer: str | None = None) 
     return env
 
 
-def measure(cmd: list[str], json_path: Path, env: dict, timeout: int, log: Path,
-            metrics_dir: Path | None = None, expected_tokens: int | None = None) -> Run:
-    json_path.unlink(missing_ok=True)
+def measure(cmd: list[str], json_path: Path | None, env: dict, timeout: int, log: Path,
+            result_fn: Callable[[], dict | None] | None = None) -> Run:
+    """Run one side. The peers write their result JSON at ``json_path``; posttrain is measured from outside
+    (``result_fn``, `posttrain_result`): the product carries no benchmark hook."""
+    if json_path is not None:
+        json_path.unlink(missing_ok=True)
     code, wall, rss = run_child(cmd, env, timeout, log)
     tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:]) if log.exists() else ""
     if code != 0:
         return Run(False, rss_mb=rss, process_s=wall, error=f"exit {code}: {tail}")
-    if not json_path.exists():
-        fallback = from_metrics(metrics_dir, expected_tokens) if metrics_dir else None
-        if fallback:
-            return Run(True, fallback, rss_mb=rss, process_s=wall)
-        return Run(False, rss_mb=rss, process_s=wall, error=f"exit 0 but no result JSON at {json_path}; log tail:\n{tail}")
-    return Run(True, json.loads(json_path.read_text()), rss_mb=rss, process_s=wall)
+    result = result_fn() if result_fn is not None else (
+        json.loads(json_path.read_text()) if json_path is not None and json_path.exists() else None)
+    if result is None:
+        return Run(False, rss_mb=rss, process_s=wall, error=f"exit 0 but no result; log tail:\n{tail}")
+    return Run(True, result, rss_mb=rss, process_s=wall)
 
 
-def from_metrics(out_dir: Path, expected_tokens: int | None) -> dict | None:
-    """Stand-in result from posttrain's metrics.jsonl when it wrote no bench JSON.
+REF_PASS = re.compile(r"reference log-probs cached for \d+ pairs in ([0-9.]+) s")
 
-    Steps and final loss are read; the loop's wall time is estimated as the harness's own token count
-    of the rows divided by the mean logged ``tokens_per_second``. Marked ``source: metrics.jsonl``.
-    """
+
+def posttrain_result(out_dir: Path, log: Path, p: Plan, expected_tokens: int | None, prompt_tokens: float) -> dict | None:
+    """posttrain's result, read from what any run writes (``metrics.jsonl``, its log), with the peers' fields.
+
+    Steps and the final loss are logged. The loop's wall time: PPO logs ``rollout/seconds`` and ``train/seconds`` of
+    every iteration (their sum); the others log ``tokens_per_second`` per logging window, so the loop takes the
+    harness's own token count of the rows / their mean (windows of equal steps), plus, for DPO, the reference pass
+    its log reports (a peer does that work inside its steps). Tokens: the harness's count of the rows (PPO: per
+    episode, the mean prompt tokens + the logged mean response length). Peak memory is the harness's wait4 rusage."""
     f = out_dir / "metrics.jsonl"
-    if not f.exists() or not expected_tokens:
+    if not f.exists():
         return None
     logs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    if p.recipe == "ppo":
+        its = [r for r in logs if "rollout/seconds" in r]
+        if not its:
+            return None
+        episodes = p.rollout_batch * len(its)
+        tokens = sum(p.rollout_batch * (prompt_tokens + r["rollout/response_length"]) for r in its)
+        return {"steps": len(its), "tokens": int(tokens), "units": episodes, "unit": "episodes",
+                "wall_s": sum(r["rollout/seconds"] + r["train/seconds"] for r in its),
+                "final_loss": its[-1].get("loss/policy_avg")}
     tps = [r["tokens_per_second"] for r in logs if r.get("tokens_per_second")]
-    losses = [r for r in logs if "loss" in r]
-    if not tps or not losses:
+    losses = [r for r in logs if "loss" in r and "tokens_per_second" in r]
+    if not tps or not losses or not expected_tokens:
         return None
-    return {"steps": max(r.get("step", 0) for r in logs), "tokens": expected_tokens,
-            "wall_s": expected_tokens / statistics.mean(tps), "final_loss": losses[-1]["loss"],
-            "source": "metrics.jsonl"}
+    wall = expected_tokens / statistics.mean(tps)
+    found = REF_PASS.search(log.read_text(errors="replace")) if log.exists() else None
+    if found:
+        wall += float(found.group(1))
+    return {"steps": max(r.get("step", 0) for r in losses), "tokens": expected_tokens, "wall_s": wall,
+            "final_loss": losses[-1]["loss"]}
 
 
 def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: int) -> list[str]:
@@ -751,12 +773,13 @@ def main(argv: list[str] | None = None) -> int:
             max_length = round_up(max(lens) + p.response_length + 8, 64)
         params = {"policy": count_params(model), "rm": count_params(rm, "seq")}
         fpt = flops_per_token(p, params)
-        pt_json, peer_json = case / "posttrain-bench.json", case / "peer.json"
+        peer_json = case / "peer.json"
         pcmd = posttrain_cmd(p, model, rm, data_file, case / "posttrain-out", max_length)
         qcmd = peer_cmd(p, model, rm, data_file, peer_json, max_length, a.threads)
         env = child_env(a.threads, peer=p.recipe)
-        pt_env = child_env(a.threads, {"POSTTRAIN_BENCH_JSON": str(pt_json)})
-        commands += [f"# {key}", f"OMP_NUM_THREADS={a.threads} POSTTRAIN_BENCH_JSON={pt_json} " + shlex.join(pcmd),
+        pt_env = child_env(a.threads)
+        prompt_tokens = statistics.mean(lens)
+        commands += [f"# {key}", f"OMP_NUM_THREADS={a.threads} " + shlex.join(pcmd),
                      f"OMP_NUM_THREADS={a.threads} " + shlex.join(qcmd)]
         have_pt, why_pt = avail[p.recipe]
         peer_py = Path(SIDES.peer_python[p.recipe])
@@ -766,8 +789,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(repeats):
             if have_pt:
                 shutil.rmtree(case / "posttrain-out", ignore_errors=True)
-                r = measure(pcmd, pt_json, pt_env, a.timeout, case / f"posttrain-{i}.log",
-                            case / "posttrain-out", expected_tokens)
+                pt_log = case / f"posttrain-{i}.log"
+                r = measure(pcmd, None, pt_env, a.timeout, pt_log,
+                            lambda: posttrain_result(case / "posttrain-out", pt_log, p, expected_tokens, prompt_tokens))
                 pt_runs.append(r)
                 print(f"  posttrain #{i}: " + (f"wall {r.result.get('wall_s', 0):.2f}s rss {r.rss_mb:.0f}MB" if r.ok else r.error.splitlines()[0]), flush=True)
             if peer_py.exists():
@@ -807,9 +831,9 @@ def main(argv: list[str] | None = None) -> int:
         sec.append("")
         if pt and peer:
             ok, msg = same_work(p, pt, peer, expected_tokens, after_end_of_turn(tok, kind, rows))
-            if any(r.result.get("source") == "metrics.jsonl" for r in pt_runs if r.ok):
-                sec.append("- posttrain wrote no `$POSTTRAIN_BENCH_JSON`: its tokens are the harness's count of the rows "
-                           "and its loop time is that count / the mean logged `tokens_per_second` (an estimate)")
+            sec.append("- posttrain is measured from outside (`posttrain_result`): loop time from its metrics.jsonl "
+                       "(PPO: logged rollout + train seconds; else the harness's token count / mean logged "
+                       "`tokens_per_second`, + DPO's logged reference pass), memory from the process rusage")
             sec.append(f"- same work: {'yes' if ok else '**NO — the comparison below is not valid**'}: {msg}")
             sec += targets(p, pt, peer)
             missed = any("**missed**" in line for line in targets(p, pt, peer))

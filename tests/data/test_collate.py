@@ -9,14 +9,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from posttrain.data import (
     ChatExample,
     PreferenceExample,
-    batches,
     collate_pairs,
     collate_prompts,
     collate_rankings,
     collate_sft,
     collate_shared_pairs,
+    epoch_order,
     num_batches,
     pack_sft,
+    prompt_order,
     tokenize_preference,
     tokenize_ranking,
     tokenize_sft,
@@ -254,14 +255,14 @@ def test_prompts_are_left_padded(tok):
     assert b.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]] and b.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
-def test_batch_order_is_a_function_of_seed_and_epoch():
-    items = list(range(10))
-    a = list(batches(items, 3, shuffle=True, seed=1, epoch=0))
-    assert a == list(batches(items, 3, shuffle=True, seed=1, epoch=0))
-    assert sorted(x for b in a for x in b) == items and [len(b) for b in a] == [3, 3, 3, 1]
-    assert a != list(batches(items, 3, shuffle=True, seed=1, epoch=1))
-    assert list(batches(items, 3, shuffle=True, seed=1, epoch=0, skip=2)) == a[2:]  # resume after 2 batches
-    assert list(batches(items, 3, shuffle=False, drop_last=True)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+def test_prompt_order_walks_the_seeded_epoch_orders_end_to_end():
+    """10 items, 4 per call: calls starting at 0, 4, .., 16 cover positions 0..19, i.e. epoch 0's order then epoch
+    1's, every item once per epoch; the call at 8 takes the last 2 of epoch 0 and the first 2 of epoch 1."""
+    first, second = epoch_order(10, shuffle=True, seed=1, epoch=0), epoch_order(10, shuffle=True, seed=1, epoch=1)
+    calls = [prompt_order(10, 4, 4 * i, shuffle=True, seed=1) for i in range(5)]
+    assert [x for c in calls for x in c] == first + second and sorted(first) == list(range(10)) and first != second
+    assert calls[2] == first[8:] + second[:2]
+    assert prompt_order(10, 3, 0, shuffle=False, seed=1) == [0, 1, 2]
     assert num_batches(10, 3) == 4 and num_batches(10, 3, drop_last=True) == 3
 
 

@@ -26,7 +26,7 @@ from posttrain.engine import (  # noqa: E402
     build_scheduler,
     init_distributed,
     train_step,
-    unwrap,
+    unwrap_parallel,
     wrap_model,
 )
 
@@ -47,7 +47,7 @@ def run(out_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
             train_step(model, micro, lm_loss_sum, optimizer, scheduler, max_grad_norm=1.0, dist=dist, count_fn=count_tokens)
         )
     Checkpointer(out_dir, keep=1).save(STEPS, model=model, optimizer=optimizer, scheduler=scheduler, extra={"epoch": 1.0})
-    return history, {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+    return history, {k: v.detach().clone() for k, v in unwrap_parallel(model).state_dict().items()}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ class Scale(nn.Module):
 
 def linear_loss(model: Scale, xs: torch.Tensor):
     per_element = model.w * xs  # (n,)
-    return per_element.sum(), {"x_mean": (xs.sum(), xs.numel()), "w_per_element": model.w.detach() * xs.numel()}
+    return per_element.sum(), {"x_mean": (xs.sum(), xs.numel()), "w_per_element": (model.w.detach() * xs.numel(), xs.numel())}
 
 
 def test_loss_and_gradient_are_the_global_element_mean():
@@ -34,7 +34,7 @@ def test_loss_and_gradient_are_the_global_element_mean():
     D = 3 elements; loss = (0.5 + 1.0 + 1.5) / 3 = 1.0; dL/dw = (1 + 2 + 3) / 3 = 2;
     SGD lr 0.1 -> w = 0.5 - 0.1 * 2 = 0.3. A mean of micro-batch means would give
     dL/dw = (1.5 + 3) / 2 = 2.25 -> w = 0.275.
-    Stats: x_mean = 6 / 3 = 2; the bare sum w_per_element = 0.5 * 3 = 1.5 is divided by D -> 0.5.
+    Stats: x_mean = 6 / 3 = 2; w_per_element = (0.5 * 2 + 0.5 * 1) / (2 + 1) = 0.5.
     """
     model = Scale(0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -122,7 +122,7 @@ def test_non_finite_loss_raises_and_leaves_the_weights_alone():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
     def nan_loss(m: Scale, xs: torch.Tensor):
-        return (m.w * xs * math.nan).sum()
+        return (m.w * xs * math.nan).sum(), {}
 
     with pytest.raises(TrainingError, match="step 1: the loss is nan"):
         train_step(model, [torch.ones(2, dtype=torch.float64)], nan_loss, opt, sched, max_grad_norm=1.0, dist=ONE, count_fn=len)
@@ -137,7 +137,7 @@ def test_infinite_gradient_raises():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def loss(m: Scale, xs: torch.Tensor):
-        return torch.sqrt(m.w - 0.5) * xs.sum()
+        return torch.sqrt(m.w - 0.5) * xs.sum(), {}
 
     with pytest.raises(TrainingError, match="step 7: the gradient norm is inf"):
         xs = [torch.ones(2, dtype=torch.float64)]
@@ -154,7 +154,7 @@ def test_autocast_and_grad_scaler_path():
     xs = [torch.randn(4, 8), torch.randn(2, 8)]
 
     def loss(m: nn.Linear, x: torch.Tensor):
-        return (m(x) ** 2).sum()
+        return (m(x) ** 2).sum(), {}
 
     outs = []
     for model, dtype in ((ref, None), (amp, torch.bfloat16)):
@@ -167,9 +167,23 @@ def test_autocast_and_grad_scaler_path():
     opt = torch.optim.SGD(amp.parameters(), lr=0.01)
 
     def overflow(m: nn.Linear, x: torch.Tensor):
-        return (m(x) * 1e38).sum()
+        return (m(x) * 1e38).sum(), {}
 
     out = train_step(amp, xs[:1], overflow, opt, None, max_grad_norm=1.0, dist=ONE, count_fn=len, scaler=scaler)
     assert not math.isfinite(out["grad_norm"])
     assert torch.equal(amp.weight, before)
     assert scaler.get_scale() == 2.0**15  # halved after the skipped step
+
+
+def test_a_bare_mean_or_a_bare_stat_is_refused():
+    """A loss fn returning a bare mean (x = [1, 2, 3], w = 0.5: 1.0) would be divided by D = 3 again and train on
+    1/3 of the loss; train_step refuses it, and a stat that is not a (sum, count) pair, before any update."""
+    model = Scale(0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)]
+    with pytest.raises(TypeError, match=r"loss_fn must return \(loss_sum, stats\).*got a \(\) tensor"):
+        train_step(model, xs, lambda m, x: (m.w * x).mean(), opt, None, max_grad_norm=0.0, dist=ONE, count_fn=len)
+    with pytest.raises(TypeError, match="stat 'x_mean' must be a \\(sum, count\\) pair"):
+        train_step(model, xs, lambda m, x: ((m.w * x).sum(), {"x_mean": x.mean()}), opt, None, max_grad_norm=0.0,
+                   dist=ONE, count_fn=len)
+    assert model.w.item() == 0.5

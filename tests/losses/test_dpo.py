@@ -53,7 +53,8 @@ def test_dpo_stats_trl_names():
                 "rewards/margins": 0.05, "logps/chosen": -6.5, "logps/rejected": -8.0}
     assert set(s) == set(expected)
     for name, value in expected.items():
-        assert abs(s[name].item() - value) < 1e-6, name
+        total, count = s[name]
+        assert count == 2 and abs(total.item() / count - value) < 1e-6, name
 
 
 def test_dpo_unknown_loss_type_names_valid_ones():

@@ -22,6 +22,12 @@ from posttrain.losses.ppo import (
 )
 
 
+def _mean(stat) -> float:
+    """A (sum, count) stat as its mean."""
+    total, count = stat
+    return float(total) / float(count)
+
+
 def _lengths_mask(lengths, width):
     return torch.arange(width) < torch.tensor(lengths)[:, None]  # (B, T)
 
@@ -67,24 +73,16 @@ def test_masked_stats_padding_invariance():
     assert abs(masked_var(w, mask).item() - 1) < 1e-6
 
 
-def test_masked_whiten_over_ranks_equals_the_whole_batch():
-    """Rows split over two "ranks": whitening rank 0's rows with rank 1's sums added (what all_reduce_sum gives)
-    returns exactly rank 0's rows of the whole batch's whitening; an identity reduction is the one-process case."""
+def test_masked_whiten_of_some_rows_with_the_whole_batch_statistics():
+    """Rows 0-1 of a batch whitened with the whole batch's mean and variance (what a rank holding only those rows
+    is given) equal rows 0-1 of the whole batch's whitening; with their own statistics they differ."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 6, dtype=torch.float64, generator=g)
     mask = _lengths_mask([6, 2, 5, 3], 6)
     whole = masked_whiten(x, mask)
-    other, other_mask = x[2:], mask[2:]  # rank 1
-    mean = masked_mean(x, mask)
-
-    def sum_over_ranks(t):  # rank 1's contribution to each of the two reductions masked_whiten makes
-        if t.numel() == 2:
-            return t + torch.stack([torch.where(other_mask, other, 0.0).sum(), other_mask.sum().double()])
-        return t + torch.where(other_mask, (other - mean) ** 2, 0.0).sum()
-
-    torch.testing.assert_close(masked_whiten(x[:2], mask[:2], sum_over_ranks=sum_over_ranks), whole[:2], rtol=0, atol=1e-12)
-    torch.testing.assert_close(masked_whiten(x, mask, sum_over_ranks=lambda t: t), whole, rtol=0, atol=1e-12)
-    assert not torch.allclose(masked_whiten(x[:2], mask[:2]), whole[:2])  # rank 0 alone whitens differently
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    torch.testing.assert_close(masked_whiten(x[:2], mask[:2], mean=mean, var=var), whole[:2], rtol=0, atol=1e-12)
+    assert not torch.allclose(masked_whiten(x[:2], mask[:2]), whole[:2])
 
 
 def test_kl_estimators_hand_values():
@@ -184,9 +182,9 @@ def test_policy_loss_hand_values():
     mask = _lengths_mask([3], 4)
     loss, s = policy_loss(logp, old, torch.ones(1, 4), mask, clip_range=0.2)
     torch.testing.assert_close(loss, torch.tensor([[-1.0, -1.2, -0.5, 0.0]]))
-    assert s["policy/clipfrac_avg"].item() == pytest.approx(1 / 3)
-    assert s["policy/approxkl_avg"].item() == pytest.approx((0.5 * math.log(1.5) ** 2 + 0.5 * math.log(0.5) ** 2) / 3, rel=1e-6)
-    assert s["loss/policy_avg"].item() == pytest.approx(-0.9, rel=1e-6)
+    assert _mean(s["policy/clipfrac_avg"]) == pytest.approx(1 / 3)
+    assert _mean(s["policy/approxkl_avg"]) == pytest.approx((0.5 * math.log(1.5) ** 2 + 0.5 * math.log(0.5) ** 2) / 3, rel=1e-6)
+    assert _mean(s["loss/policy_avg"]) == pytest.approx(-0.9, rel=1e-6)
 
 
 def test_policy_loss_negative_advantage_and_gradient():
@@ -227,8 +225,8 @@ def test_value_loss_hand_values():
     values = torch.tensor([[0.5, 0.1, -0.5, 3.0]])
     loss, s = value_loss(values, torch.zeros(1, 4), torch.ones(1, 4), _lengths_mask([3], 4), clip=0.2)
     torch.testing.assert_close(loss, torch.tensor([[0.32, 0.405, 1.125, 0.0]]))
-    assert s["loss/value_avg"].item() == pytest.approx(1.85 / 3, rel=1e-6)
-    assert s["val/clipfrac_avg"].item() == pytest.approx(1 / 3)
+    assert _mean(s["loss/value_avg"]) == pytest.approx(1.85 / 3, rel=1e-6)
+    assert _mean(s["val/clipfrac_avg"]) == pytest.approx(1 / 3)
 
 
 def test_value_loss_no_clip_is_half_squared_error_and_padding_invariant():

@@ -7,13 +7,13 @@ import torch
 from torch.nn import functional as F
 
 from posttrain.config import LoraConfig
+from posttrain.data import positions_from_mask
 from posttrain.models import forward as forward_module
 from posttrain.models import (
     apply_lora,
     last_token_index,
     load_causal_lm,
     load_sequence_classifier,
-    position_ids_from_mask,
     sequence_scores,
     token_logprobs,
     token_values,
@@ -37,7 +37,7 @@ def pad_batch(rows, side):
 
 def reference_logprobs(model, ids, mask, temperature=1.0):
     """log_softmax(full logits / T) gathered at the next token: (B, T-1)."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
     logp = F.log_softmax(logits[:, :-1].double() / temperature, dim=-1)
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
@@ -45,7 +45,7 @@ def reference_logprobs(model, ids, mask, temperature=1.0):
 def test_position_ids_and_last_index_by_hand():
     """mask [0,0,1,1,1] -> positions [0,0,0,1,2], last index 4; mask [1,1,0,0,0] -> [0,1,1,1,1], last 1."""
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]])
-    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 1, 1, 1]]
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 1, 1, 1]]
     assert last_token_index(mask).tolist() == [4, 1]
 
 
@@ -67,7 +67,7 @@ def test_token_logprobs_temperature_and_entropy(tiny_dir):
     ids, mask = pad_batch(ROWS, "right")
     with torch.no_grad():
         logp, entropy = token_logprobs(model, ids, mask, temperature=0.7, return_entropy=True)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, :-1] / 0.7
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, :-1] / 0.7
         full = F.log_softmax(logits, dim=-1)
     torch.testing.assert_close(logp, full.gather(-1, ids[:, 1:, None]).squeeze(-1), rtol=0, atol=1e-12)
     torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), rtol=0, atol=1e-12)
@@ -105,7 +105,7 @@ def test_token_values_are_the_head_on_every_position(tiny_dir):
     ids, mask = pad_batch(ROWS, "right")
     with torch.no_grad():
         values = token_values(critic, ids, mask)  # (B, T)
-        hidden = critic.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state  # (B, T, D)
+        hidden = critic.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).last_hidden_state  # (B, T, D)
     assert values.shape == ids.shape
     torch.testing.assert_close(values, (hidden @ critic.score.weight.T).squeeze(-1).float(), rtol=0, atol=1e-6)
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification
 from posttrain.cli import main
 from posttrain.config import PPOConfig, RewardConfig, RolloutConfig
 from posttrain.engine import read_metrics
+from posttrain.engine.dist import RolloutShare
 from posttrain.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from posttrain.models import token_logprobs
 from posttrain.recipes.ppo import Models, Prompts, build_ppo_optimizer, response_logprobs, rollout_and_score
@@ -133,7 +134,8 @@ def test_a_response_without_eos_gets_the_penalty(tmp_path):
     ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True, return_dict=False)
     prompts = Prompts([[{"role": "user", "content": "hi"}]], [list(ids)])
     batch, scores, _, stats = rollout_and_score(cfg, Sampler(model, tok, cfg.rollout), build_reward(cfg.reward), tok, prompts, 0,
-                                                torch.Generator().manual_seed(0), None)
+                                                torch.Generator().manual_seed(0), None,
+                                                RolloutShare(256 // cfg.rollout.samples_per_prompt, cfg.rollout.samples_per_prompt, None))
     has_eos = (batch.response_ids == tok.eos_token_id).any(1)  # (N,)
     assert 0 < int(has_eos.sum()) < 256  # both kinds occur (the EOS probability is ~1/55 per row)
     assert torch.equal(scores, torch.where(has_eos, torch.tensor(0.5), torch.tensor(-0.5)))

@@ -7,7 +7,6 @@ from posttrain.data.collate import (
     RankingBatch,
     SFTBatch,
     SharedPromptPairs,
-    batches,
     collate_classification,
     collate_pairs,
     collate_prompts,
@@ -17,6 +16,7 @@ from posttrain.data.collate import (
     epoch_order,
     num_batches,
     pack_sft,
+    prompt_order,
     positions_from_mask,
     train_eval_split,
 )
@@ -54,9 +54,9 @@ from posttrain.data.tokenize import (
 __all__ = [
     "CHATML_TEMPLATE", "FORMATS", "IGNORE", "KINDS", "ChatExample", "ClassificationBatch", "ClassificationExample",
     "DataStats", "Example", "PairBatch", "PreferenceExample", "PromptBatch", "PromptExample", "RankingBatch", "SharedPromptPairs", "collate_shared_pairs",
-    "RankingExample", "Row", "RowError", "SFTBatch", "TextExample", "batches", "collate_classification",
+    "RankingExample", "Row", "RowError", "SFTBatch", "TextExample", "collate_classification",
     "collate_pairs", "collate_prompts", "collate_rankings", "collate_sft", "detect_format", "epoch_order",
-    "label_maps", "load_examples", "load_rows", "normalize", "num_batches", "pack_sft", "positions_from_mask",
+    "label_maps", "load_examples", "load_rows", "normalize", "num_batches", "pack_sft", "positions_from_mask", "prompt_order",
     "render", "resolve_chat_template", "tokenize_classification", "tokenize_examples", "tokenize_preference",
     "tokenize_prompt", "tokenize_ranking", "tokenize_sft", "train_eval_split",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -334,15 +334,15 @@ def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def batches(items: Sequence[Any], batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-            skip: int = 0, drop_last: bool = False) -> Iterator[list[Any]]:
-    """Lists of `batch_size` items in the epoch's order, starting after the first `skip` batches (resume)."""
-    order = epoch_order(len(items), shuffle=shuffle, seed=seed, epoch=epoch)
-    for start in range(skip * batch_size, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        if drop_last and len(chunk) < batch_size:
-            return
-        yield [items[i] for i in chunk]
+def prompt_order(n: int, count: int, start: int, *, shuffle: bool, seed: int) -> list[int]:
+    """Positions start .. start+count-1 of the concatenated epoch orders of n items: an online run's prompts of one
+    iteration or round, every prompt once before any repeats, a function of (seed, start) only (resume-exact)."""
+    out, position = [], start
+    while len(out) < count:
+        epoch, offset = divmod(position, n)
+        take = epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch)[offset: offset + count - len(out)]
+        out, position = out + take, position + len(take)
+    return out
 
 
 def num_batches(n: int, batch_size: int, *, drop_last: bool = False) -> int:

@@ -15,7 +15,7 @@ from posttrain.engine.dist import (
     broadcast_object,
     contiguous_share,
     init_distributed,
-    unwrap,
+    unwrap_parallel,
     wrap_model,
 )
 from posttrain.engine.ema import ema_update
@@ -56,6 +56,6 @@ __all__ = [
     "steps_per_epoch",
     "total_steps_for",
     "train_step",
-    "unwrap",
+    "unwrap_parallel",
     "wrap_model",
 ]

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from posttrain.config import ConfigError
-from posttrain.engine.dist import broadcast_object, is_fsdp, unwrap
+from posttrain.engine.dist import broadcast_object, is_fsdp, unwrap_parallel
 from posttrain.errors import TrainingError
 
 STATE_FILE = "trainer_state.json"
@@ -100,7 +100,7 @@ def full_model_state(model: nn.Module) -> dict | None:
 
 
 def _write_model(model: nn.Module, folder: Path, state_dict: dict | None) -> None:
-    inner = unwrap(model)
+    inner = unwrap_parallel(model)
     if hasattr(inner, "save_pretrained"):
         kwargs = {"state_dict": state_dict} if state_dict is not None else {}
         inner.save_pretrained(str(folder), **kwargs)
@@ -123,7 +123,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_model(model: nn.Module, folder: Path) -> None:
-    inner = unwrap(model)
+    inner = unwrap_parallel(model)
     state = _read_weights(folder)
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -127,7 +127,7 @@ class EvalShare:
     def __init__(self, items: list, model: nn.Module, dist: DistInfo | None):
         self.split = dist is not None and dist.distributed and not is_fsdp(model)
         lo, hi = contiguous_share(len(items), dist) if self.split else (0, len(items))
-        self.items, self.model = items[lo:hi], unwrap(model) if self.split else model
+        self.items, self.model = items[lo:hi], unwrap_parallel(model) if self.split else model
 
     def sum(self, values: list[float]) -> list[float]:
         """Per-rank sums -> the whole set's sums."""
@@ -138,6 +138,69 @@ class EvalShare:
     def gather(self, values: list) -> list:
         """Per-rank lists -> the whole set's list, in item order."""
         return gather_lists(values) if self.split else values
+
+
+class RolloutShare:
+    """This rank's share of a rollout (PPO, GRPO, online DPO) and how the batch's statistics combine over ranks.
+
+    The rollout's P prompts, `samples` samples each, are rows 0 .. P*samples-1 of one batch. Each rank takes a
+    contiguous share of the prompts (`contiguous_share`: all samples of a prompt on one rank, so a group baseline
+    stays local) and samples rows `row_offset` .. of `total_rows` with the uniforms one process would draw for
+    them (the sampler's ``row_offset``). `sum`, `mean`, `count` and `whiten` then give the statistics of the whole
+    batch, as one process holding every row computes them; with one process every method is the identity, so the
+    algorithm code reads as one process."""
+
+    def __init__(self, n_prompts: int, samples: int, dist: DistInfo | None):
+        self.several = dist is not None and dist.distributed
+        self.world = dist.world_size if dist is not None else 1
+        self.device = dist.device if dist is not None else torch.device("cpu")
+        self.lo, self.hi = contiguous_share(n_prompts, dist)
+        self.row_offset, self.total_rows = self.lo * samples, n_prompts * samples
+
+    def take(self, items: list) -> list:
+        """This rank's prompts of the rollout's `items` (one per prompt)."""
+        return items[self.lo: self.hi]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Per-rank sums -> the batch's sums."""
+        if not self.several:
+            return values
+        return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).cpu().tolist()
+
+    def mean(self, stats: dict[str, float], summed: tuple[str, ...] = ()) -> dict[str, float]:
+        """Per-rank means over equal shares -> the batch's means (keys in `summed` are per-rank sums, added up)."""
+        if not self.several:
+            return stats
+        names = sorted(stats)
+        totals = self.sum([float(stats[n]) for n in names])
+        return {n: v if n in summed else v / self.world for n, v in zip(names, totals)}
+
+    def rows_per_rank(self, global_rows: int) -> int:
+        """This rank's part of a global number of rows (an optimizer step's minibatch), split evenly."""
+        return global_rows // self.world
+
+    def count(self, mask: torch.Tensor) -> int:
+        """Valid positions of `mask` over the batch."""
+        return int(self.sum([float(mask.sum())])[0])
+
+    def gather(self, values: list) -> list:
+        """Per-rank lists -> the batch's list, in row order."""
+        return gather_lists(values) if self.several else values
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """`losses.masked_whiten` of this rank's rows with the batch's mean and (Bessel-corrected) variance."""
+        from posttrain.losses import masked_whiten
+
+        if not self.several:
+            return masked_whiten(x, mask, shift_mean)
+        mask = mask.bool()
+        valid = torch.where(mask, x, torch.zeros_like(x))
+        total, count = all_reduce_sum(torch.stack([valid.sum(), mask.sum().to(valid.dtype)])).unbind()
+        if count < 2:
+            raise ValueError(f"whitening needs at least 2 valid positions over all ranks, got {int(count)}")
+        mean = total / count
+        var = all_reduce_sum(torch.where(mask, (valid - mean) ** 2, torch.zeros_like(x)).sum()) / (count - 1)
+        return masked_whiten(x, mask, shift_mean, mean=mean, var=var)
 
 
 def barrier() -> None:
@@ -200,8 +263,9 @@ def wrap_model(model: nn.Module, dist: DistInfo, strategy: str = "ddp") -> nn.Mo
     return wrapped
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP wrapper (FSDP2 shards in place, so it is the module)."""
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (FSDP2 shards in place, so it is the module); a peft model stays one
+    (`models.unwrap` goes on to the transformers model inside)."""
     while isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     return model

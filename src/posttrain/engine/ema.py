@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from posttrain.engine.dist import unwrap
+from posttrain.engine.dist import unwrap_parallel
 
 
 @torch.no_grad()
@@ -19,8 +19,8 @@ def ema_update(target_model: nn.Module, source_model: nn.Module, eta: float) -> 
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"EMA weight eta must be in [0, 1], got {eta}")
-    source = dict(unwrap(source_model).named_parameters())
-    for name, t in unwrap(target_model).named_parameters():
+    source = dict(unwrap_parallel(source_model).named_parameters())
+    for name, t in unwrap_parallel(target_model).named_parameters():
         if name not in source:
             raise ValueError(f"EMA: the source model has no parameter `{name}` (are both the same architecture?)")
         # lerp: t + eta * (s - t) = eta * s + (1 - eta) * t

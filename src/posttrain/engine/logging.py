@@ -150,27 +150,3 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def write_bench_json(*, steps: int, tokens: int, wall_s: float, final_loss: float | None, params: int,
-                     units: float | None = None, unit: str | None = None) -> None:
-    """For `bench/run.py`: when ``POSTTRAIN_BENCH_JSON`` names a file, write what the run did and how long its
-    training loop took (same fields as the peer scripts write). Peak RSS is the process high-water mark; on a GPU
-    also ``peak_gpu_mb``, the CUDA caching allocator's high-water mark of allocated bytes (``max_memory_allocated``)."""
-    import os
-    import resource
-
-    import torch
-
-    path = os.environ.get("POSTTRAIN_BENCH_JSON")
-    if not path:
-        return
-    record = {"steps": int(steps), "tokens": int(tokens), "wall_s": float(wall_s),
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-              "final_loss": final_loss, "params": int(params)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    if units is not None:
-        record.update({"units": units, "unit": unit})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, indent=2))

@@ -40,9 +40,9 @@ def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
     """torch's AdamW, with its fused kernel where every parameter allows it (a plain CPU/CUDA float tensor).
 
     The fused kernel computes the same update as the default per-parameter loop (to a few float32 ulps,
-    tests/engine/test_optim.py) in one pass over all tensors, with no parameter-sized temporaries: a third of the
-    optimizer time on the tiny models (11 vs 31 ms a step). It is also what transformers' Trainer uses by default
-    (``adamw_torch_fused``), so the peers in bench/ run it too. Sharded (FSDP2 DTensor) parameters keep the default.
+    tests/engine/test_optim.py) in one pass over all tensors, with no parameter-sized temporaries. It is also what
+    transformers' Trainer uses by default (``adamw_torch_fused``). Sharded (FSDP2 DTensor) parameters keep the
+    default.
     """
     if not groups:
         raise ConfigError("no trainable parameters: check `lora.r`, `freeze.trainable_layers` and `freeze.extra`")

@@ -29,18 +29,21 @@ from posttrain.errors import TrainingError
 LossFn = Callable[[nn.Module, Any], Any]
 
 
-def _split_output(out: Any) -> tuple[torch.Tensor, Mapping[str, Any]]:
-    if isinstance(out, torch.Tensor):
-        return out, {}
-    loss_sum, stats = out
-    return loss_sum, stats or {}
+def _sum_and_stats(out: Any) -> tuple[torch.Tensor, dict[str, tuple[Any, Any]]]:
+    """``loss_fn``'s output checked against the one contract: ``(loss_sum, {name: (sum, count)})``.
 
-
-def _as_sum_count(value: Any) -> tuple[torch.Tensor | float, torch.Tensor | float | None]:
-    """A stat is ``(sum, count)``, or a bare sum normalised by the step's count D."""
-    if isinstance(value, (tuple, list)):
-        return value[0], value[1]
-    return value, None
+    A bare tensor or a bare stat is refused rather than guessed at: a loss fn that returns a mean would otherwise be
+    divided by the step's count a second time, silently."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and out[0].dim() == 0
+            and isinstance(out[1], Mapping)):
+        got = f"a {tuple(out.shape)} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"loss_fn must return (loss_sum, stats): the SUM of per-element losses as a 0-d tensor and a "
+                        f"dict of (sum, count) stats, e.g. `return losses.sum(), {{}}`; got {got}")
+    for name, value in out[1].items():
+        if not (isinstance(value, (tuple, list)) and len(value) == 2):
+            raise TypeError(f"loss_fn stat {name!r} must be a (sum, count) pair, e.g. (correct.sum(), n); got "
+                            f"{type(value).__name__}")
+    return out[0], dict(out[1])
 
 
 def _scalar(x: torch.Tensor | float) -> float:
@@ -63,9 +66,9 @@ def train_step(
 ) -> dict[str, float]:
     """Accumulate gradients over ``micro_batches``, clip, and take one optimizer + scheduler step.
 
-    ``loss_fn(model, mb)`` returns ``loss_sum`` (a 0-d tensor: the SUM of per-element losses) or
-    ``(loss_sum, stats)``; a stat is ``(sum, count)`` (reported as the global sum / global count)
-    or a bare sum (reported as global sum / D). Every rank must call this with the same number of
+    ``loss_fn(model, mb)`` returns ``(loss_sum, stats)``: ``loss_sum`` a 0-d tensor, the SUM of per-element
+    losses (never a mean), and each stat a ``(sum, count)`` pair, reported as the global sum / the global count;
+    anything else raises TypeError. Every rank must call this with the same number of
     micro-batches. ``scaler`` is a ``torch.amp.GradScaler`` for float16 autocast: a step whose
     gradients overflow is then skipped by the scaler instead of stopping the run.
 
@@ -90,7 +93,7 @@ def train_step(
 
     loss_total = 0.0
     stat_sums: dict[str, float] = {}
-    stat_counts: dict[str, float | None] = {}
+    stat_counts: dict[str, float] = {}
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with gradient_sync(model, enabled=last):
@@ -100,29 +103,25 @@ def train_step(
                 else contextlib.nullcontext()
             )
             with amp:
-                loss_sum, stats = _split_output(loss_fn(model, mb))
+                loss_sum, stats = _sum_and_stats(loss_fn(model, mb))
             # Half-precision sums are lifted to float32 before scaling; float32/64 stay as they are.
             if loss_sum.dtype in (torch.float16, torch.bfloat16):
                 loss_sum = loss_sum.float()
             scaled = loss_sum * scale
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_total += float(loss_sum.detach())
-        for name, value in stats.items():
-            s, c = _as_sum_count(value)
+        for name, (s, c) in stats.items():
             stat_sums[name] = stat_sums.get(name, 0.0) + _scalar(s)
-            if c is None:
-                stat_counts.setdefault(name, None)
-            else:
-                stat_counts[name] = (stat_counts.get(name) or 0.0) + _scalar(c)
+            stat_counts[name] = stat_counts.get(name, 0.0) + _scalar(c)
 
     # One collective for the loss and every stat (sums, then counts).
     names = sorted(stat_sums)
-    packed = [loss_total] + [stat_sums[n] for n in names] + [stat_counts[n] or 0.0 for n in names]
+    packed = [loss_total] + [stat_sums[n] for n in names] + [stat_counts[n] for n in names]
     reduced = all_reduce_sum(torch.tensor(packed, dtype=torch.float64, device=device)).tolist()
     loss = reduced[0] / max(denominator, 1.0)
     metrics: dict[str, float] = {}
     for k, n in enumerate(names):
-        count = reduced[1 + len(names) + k] if stat_counts[n] is not None else denominator
+        count = reduced[1 + len(names) + k]
         metrics[n] = reduced[1 + k] / max(count, 1.0) if count else 0.0
 
     if not math.isfinite(loss):

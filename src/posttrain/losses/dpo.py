@@ -17,7 +17,7 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
     """Per-pair DPO loss from sequence log-probs (each (B,), summed over the completion tokens).
 
     With h = (pi_c - ref_c) - (pi_r - ref_r) and eps = label_smoothing:
@@ -27,7 +27,8 @@ def dpo_loss(
       robust:  (-(1-eps) log sig(beta h) + eps log sig(-beta h)) / (1 - 2 eps)  (Chowdhury et al. 2024)
     Returns (per_pair (B,), stats). Normalisation is the caller's: the sum of per-pair losses is
     divided by the global number of pairs in the optimizer step.
-    Stats (detached, TRL's names, means over this batch): `rewards/chosen` = beta (pi_c - ref_c),
+    Stats (detached, TRL's names, each a (sum, count) over this batch's pairs, as `engine.train_step` takes them):
+    `rewards/chosen` = beta (pi_c - ref_c),
     `rewards/rejected`, `rewards/accuracies` (chosen reward > rejected reward), `rewards/margins`,
     `logps/chosen`, `logps/rejected` (policy sequence log-probs).
     """
@@ -52,13 +53,14 @@ def dpo_loss(
     with torch.no_grad():
         reward_chosen = beta * chosen_ratio.float()
         reward_rejected = beta * rejected_ratio.float()
+        n = reward_chosen.numel()
         stats = {
-            "rewards/chosen": reward_chosen.mean(),
-            "rewards/rejected": reward_rejected.mean(),
-            "rewards/accuracies": (reward_chosen > reward_rejected).float().mean(),
-            "rewards/margins": (reward_chosen - reward_rejected).mean(),
-            "logps/chosen": pi_chosen.float().mean(),
-            "logps/rejected": pi_rejected.float().mean(),
+            "rewards/chosen": (reward_chosen.sum(), n),
+            "rewards/rejected": (reward_rejected.sum(), n),
+            "rewards/accuracies": ((reward_chosen > reward_rejected).float().sum(), n),
+            "rewards/margins": ((reward_chosen - reward_rejected).sum(), n),
+            "logps/chosen": (pi_chosen.float().sum(), n),
+            "logps/rejected": (pi_rejected.float().sum(), n),
         }
     return loss, stats
 

@@ -44,24 +44,18 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *, sum_over_ranks=None) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *,
+                  mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> torch.Tensor:
     """(x - mean) / std over the valid positions; padding is returned as 0.
 
     With shift_mean=False the mean is added back (only the scale changes), as done for rewards
-    in Huang et al. 2024 so that the sign of a reward survives whitening. ``sum_over_ranks`` (e.g.
-    ``engine.all_reduce_sum``): the mean and the (Bessel-corrected) variance are those of the valid positions of
-    every process's ``x`` together, the statistics one process holding the whole batch would compute.
+    in Huang et al. 2024 so that the sign of a reward survives whitening. ``mean`` and ``var`` default to the
+    valid positions' mean and Bessel-corrected variance; a caller whose batch is larger than ``x`` (the other
+    rows live on other processes: ``engine.dist.RolloutShare.whiten``) passes the whole batch's.
     """
     mask = mask.bool()
-    if sum_over_ranks is None:
-        mean, var = masked_mean(x, mask), masked_var(x, mask)
-    else:
-        valid = _valid(x, mask)
-        total, count = sum_over_ranks(torch.stack([valid.sum(), mask.sum().to(valid.dtype)])).unbind()
-        if count < 2:
-            raise ValueError(f"masked_whiten needs at least 2 valid positions over all ranks, got {int(count)}")
-        mean = total / count
-        var = sum_over_ranks(_valid((valid - mean) ** 2, mask).sum()) / (count - 1)
+    mean = masked_mean(x, mask) if mean is None else mean
+    var = masked_var(x, mask) if var is None else var
     whitened = (_valid(x, mask) - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -135,16 +129,15 @@ def gae_advantages(
 
 def policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor | int]]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), per token.
 
     ratio = exp(logp - old_logp); loss = max(-A ratio, -A clip(ratio, 1-c, 1+c)).
     logp, old_logp, advantages, mask: (B, T). Returns (per_token (B, T), 0 on padding, stats).
     Normalisation is the caller's: sum over the tokens of every micro-batch and rank of the
     optimizer step, divided by the global count of valid tokens.
-    Stats (detached, over this batch's valid tokens): `policy/approxkl_avg` = mean 0.5 (logp -
-    old_logp)^2, `policy/clipfrac_avg` = share of tokens where the clipped term is the larger,
-    `loss/policy_avg`.
+    Stats (detached, each a (sum, count) over this batch's valid tokens): `policy/approxkl_avg` of 0.5 (logp -
+    old_logp)^2, `policy/clipfrac_avg` of the tokens where the clipped term is the larger, `loss/policy_avg`.
     """
     mask = mask.bool()
     log_ratio = _valid(logp - old_logp, mask)  # (B, T); padding -> ratio 1, finite grads
@@ -154,24 +147,25 @@ def policy_loss(
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     loss = _valid(torch.maximum(unclipped, clipped), mask)  # (B, T)
     with torch.no_grad():
+        n = mask.sum()
         stats = {
-            "policy/approxkl_avg": masked_mean(0.5 * log_ratio.float() ** 2, mask),
-            "policy/clipfrac_avg": masked_mean((clipped > unclipped).float(), mask),
-            "loss/policy_avg": masked_mean(loss.float(), mask),
+            "policy/approxkl_avg": (_valid(0.5 * log_ratio.float() ** 2, mask).sum(), n),
+            "policy/clipfrac_avg": (_valid((clipped > unclipped).float(), mask).sum(), n),
+            "loss/policy_avg": (loss.float().sum(), n),
         }
     return loss, stats
 
 
 def value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor | int]]]:
     """Clipped value loss 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), per token.
 
     As in OpenAI's PPO2 / Huang et al. 2024 (detail: value clipping). values, old_values,
     returns, mask: (B, T). Returns (per_token (B, T), 0 on padding, stats). Normalised by the
     caller like `policy_loss`; the recipe multiplies by vf_coef.
-    Stats (detached): `loss/value_avg`, `val/clipfrac_avg` (share of tokens where the clipped
-    error is the larger).
+    Stats (detached, (sum, count) over the valid tokens): `loss/value_avg`, `val/clipfrac_avg` (tokens where the
+    clipped error is the larger).
     """
     mask = mask.bool()
     values = _valid(values, mask)
@@ -182,9 +176,10 @@ def value_loss(
     clipped_err = (clipped_values - returns) ** 2
     loss = _valid(0.5 * torch.maximum(unclipped_err, clipped_err), mask)  # (B, T)
     with torch.no_grad():
+        n = mask.sum()
         stats = {
-            "loss/value_avg": masked_mean(loss.float(), mask),
-            "val/clipfrac_avg": masked_mean((clipped_err > unclipped_err).float(), mask),
+            "loss/value_avg": (loss.float().sum(), n),
+            "val/clipfrac_avg": (_valid((clipped_err > unclipped_err).float(), mask).sum(), n),
         }
     return loss, stats
 

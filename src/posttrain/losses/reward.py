@@ -13,7 +13,7 @@ def bradley_terry_loss(
     r_rejected: torch.Tensor,
     margin: torch.Tensor | None = None,
     center_coef: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor | int]]]:
     """Per-pair Bradley-Terry loss -log sigmoid(r_c - r_r - margin) (+ center_coef * (r_c + r_r)^2).
 
     r_chosen, r_rejected: (B,) scalar rewards; margin: (B,) or None (Llama 2's per-pair margin,
@@ -21,7 +21,7 @@ def bradley_terry_loss(
     et al. 2023) pulls the reward's mean towards 0, since BT only sees differences.
     Returns (per_pair (B,), stats). Normalisation is the caller's: divide the sum of the
     per-pair losses by the global number of pairs in the optimizer step.
-    Stats (detached, means over this batch): `accuracy` (r_c > r_r), `margin` (r_c - r_r),
+    Stats (detached, each a (sum, count) over this batch's pairs): `accuracy` (r_c > r_r), `margin` (r_c - r_r),
     `rewards/chosen`, `rewards/rejected`.
     """
     if r_chosen.shape != r_rejected.shape:
@@ -32,11 +32,12 @@ def bradley_terry_loss(
     if center_coef:
         loss = loss + center_coef * (r_chosen + r_rejected) ** 2
     with torch.no_grad():
+        n = diff.numel()
         stats = {
-            "accuracy": (diff > 0).float().mean(),
-            "margin": diff.float().mean(),
-            "rewards/chosen": r_chosen.float().mean(),
-            "rewards/rejected": r_rejected.float().mean(),
+            "accuracy": ((diff > 0).float().sum(), n),
+            "margin": (diff.float().sum(), n),
+            "rewards/chosen": (r_chosen.float().sum(), n),
+            "rewards/rejected": (r_rejected.float().sum(), n),
         }
     return loss, stats
 

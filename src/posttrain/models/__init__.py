@@ -12,7 +12,6 @@ from posttrain.models.adapt import (
 from posttrain.models.forward import (
     last_token_index,
     lm_head_weight,
-    position_ids_from_mask,
     sequence_scores,
     sequence_scores_at,
     takes_custom_mask,
@@ -46,7 +45,6 @@ __all__ = [
     "load_causal_lm",
     "load_sequence_classifier",
     "load_tokenizer",
-    "position_ids_from_mask",
     "reference_context",
     "resolve_dtype",
     "save_model",

@@ -16,16 +16,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from posttrain.data.collate import positions_from_mask
 from posttrain.losses.logprobs import entropy_from_logits, logprobs_from_hidden, selective_log_softmax
 from posttrain.models.head import logit_head
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, ... counted over real tokens, so a left-padded row matches its unpadded self.
-
-    attention_mask: (B, T) with 1 = token, 0 = pad. Pads get position 0 (they are masked anyway).
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -138,7 +131,7 @@ def _final_hidden(model: nn.Module, input_ids, attention_mask, position_ids, **k
     packed = (attention_mask is None and position_ids is not None and bool((position_ids[:, 0] == 0).all())
               and config._attn_implementation == PACKED_SDPA)
     if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
+        position_ids = positions_from_mask(attention_mask)
     if packed:
         segments = _segments(position_ids)
         window = getattr(config, "sliding_window", None)

@@ -42,157 +42,97 @@ interrupted part-way is redone from its start).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import shutil
-from pathlib import Path
+import math
+from collections.abc import Sequence
 
 import torch
 
-from posttrain.config import ConfigError, DPOConfig, OnlineDPOConfig, convert
-from posttrain.data import epoch_order, load_examples, tokenize_prompt
-from posttrain.engine import (Checkpointer, all_reduce_sum, autocast_dtype, build_optimizer, build_scheduler,
-                              contiguous_share, load_checkpoint, resolve_resume, setup_run, total_steps_for, unwrap,
-                              wrap_model)
-from posttrain.engine.dist import gather_lists
-from posttrain.engine.loop import fit
-from posttrain.models import (apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer,
-                              resolve_dtype, save_pretrained_atomic)
+from posttrain.config import ConfigError, OnlineDPOConfig
+from posttrain.data import prompt_order
+from posttrain.engine import (autocast_dtype, build_optimizer, build_scheduler, grad_scaler, setup_run, steps_per_epoch,
+                              unwrap_parallel, wrap_model)
+from posttrain.engine.dist import RolloutShare
+from posttrain.engine.loop import BatchPlan, FitResult, LoopSettings, Steps, fit
+from posttrain.models import apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer
+from posttrain.recipes.common import resume_step, save_final
 from posttrain.recipes.dpo import (adapter_free_reference, cache_reference, check_config, collate_dpo, dpo_objective,
-                                   frozen_reference)
+                                   frozen_reference, sequence_tokens)
+from posttrain.recipes.prompts import Prompts, gold_accuracy, load_gold_task, load_prompts, prompt_sources
 from posttrain.rewards import build_reward
-from posttrain.rewards.base import prompt_text
 from posttrain.rollout.sampler import Sampler
 
 # --------------------------------------------------------------------------- prompts
 
 
-def load_prompts(sources: list[str], cfg: OnlineDPOConfig, tok, limit: int = 0) -> tuple[list[dict], int]:
-    """Prompt items `{"messages", "input_ids"}` of the first `limit` rows (0 = all); prompts longer than
-    max_length - rollout.max_new_tokens are dropped and counted."""
-    examples, _ = load_examples(sources, "prompt", fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
-    if limit > 0:
-        examples = examples[:limit]
-    budget = cfg.max_length - cfg.rollout.max_new_tokens
-    items = [{"messages": ex.prompt, "input_ids": tokenize_prompt(tok, ex.prompt)} for ex in examples]
-    kept = [it for it in items if 0 < len(it["input_ids"]) <= budget]
-    return kept, len(items) - len(kept)
-
-
-def eval_file(cfg: OnlineDPOConfig, sources: list[str]) -> list[str]:
-    """The held-out prompts: `data.eval`, else `eval.jsonl` beside the first prompt file (or `task:NAME/eval.jsonl`)."""
-    if cfg.data.eval:
-        return list(cfg.data.eval)
-    if sources[0].startswith("task:"):  # a built-in task's file: its eval.jsonl sits beside it
-        return [sources[0].rsplit("/", 1)[0] + "/eval.jsonl"]
-    beside = Path(sources[0]).parent / "eval.jsonl"
-    if not beside.is_file():
-        raise ConfigError(f"`eval_task` is set but there is no held-out prompt file: set data.eval, or put eval.jsonl "
-                          f"beside {sources[0]} (`posttrain task {cfg.eval_task} DIR` writes one)")
-    return [str(beside)]
-
-
-def round_prompts(prompts: list[dict], cfg: OnlineDPOConfig, r: int) -> list[dict]:
+def round_prompts(prompts: Sequence, cfg: OnlineDPOConfig, r: int) -> list:
     """Round r's prompts: positions (r-1)*n .. r*n-1 of the concatenated seeded epoch orders."""
-    n, per_round = len(prompts), cfg.prompts_per_round
-    orders: dict[int, list[int]] = {}
-    picked = []
-    for pos in range((r - 1) * per_round, r * per_round):
-        epoch, i = divmod(pos, n)
-        if epoch not in orders:
-            orders[epoch] = epoch_order(n, shuffle=cfg.data.shuffle, seed=cfg.seed, epoch=epoch)
-        picked.append(prompts[orders[epoch][i]])
-    return picked
+    n = cfg.prompts_per_round
+    return [prompts[i] for i in prompt_order(len(prompts), n, (r - 1) * n, shuffle=cfg.data.shuffle, seed=cfg.seed)]
 
 
 # --------------------------------------------------------------------------- sample, score, pair
 
 
-def sample_pairs(sampler: Sampler, tok, reward, prompts: list[dict], k: int, generator, dist=None) -> tuple[list[dict], dict]:
-    """Best-vs-worst preference items (token ids) from k scored samples per prompt, and the round's sample stats.
-
-    With `dist` over several processes: the items of this rank's share of `prompts` (`contiguous_share`), sampled as
-    one process would sample those rows; the stats are over every rank's samples."""
-    lo, hi = contiguous_share(len(prompts), dist)
-    totals = torch.zeros(7, dtype=torch.float64)  # sum score, samples, sum of best scores, prompts, eos, tokens, pairs
+def sample_pairs(sampler: Sampler, tok, reward, prompts: Prompts, k: int, generator, share: RolloutShare
+                 ) -> tuple[list[dict], dict]:
+    """Best-vs-worst preference items (token ids) from k scored samples of each of this rank's `share` of `prompts`,
+    and the round's sample stats over the whole round."""
+    mine = prompts.select(share.take(list(range(len(prompts)))))
+    totals = [0.0] * 7  # sum score, samples, sum of best scores, prompts, eos, tokens, pairs
     pairs = []
-    if hi > lo:
-        pairs, totals = _sample_share(sampler, tok, reward, prompts[lo:hi], k, generator, lo * k, len(prompts) * k)
-    if dist is not None and dist.distributed:
-        totals = all_reduce_sum(totals.to(dist.device)).cpu()
-    s, n, best, p, eos, tokens, n_pairs = totals.tolist()
+    if len(mine):
+        pairs, totals = _sample_share(sampler, tok, reward, mine, k, generator, share)
+    s, n, best, p, eos, tokens, n_pairs = share.sum(totals)
     stats = {"reward/mean": s / n, "reward/max": best / p, "pairs": int(n_pairs), "rollout/eos_rate": eos / n,
              "rollout/response_length": tokens / n}
     return pairs, stats
 
 
-def _sample_share(sampler, tok, reward, prompts: list[dict], k: int, generator, row_offset: int, total_rows: int):
-    """(pairs, totals) of `sample_pairs` for these prompts, rows row_offset.. of a total_rows-row rollout."""
-    rollout = sampler.generate([p["input_ids"] for p in prompts], num_samples=k, generator=generator,
-                               row_offset=row_offset, total_rows=total_rows)  # N = P*k rows
+def _sample_share(sampler, tok, reward, prompts: Prompts, k: int, generator, share: RolloutShare):
+    """(pairs, totals) of `sample_pairs` for this rank's prompts."""
+    rollout = sampler.generate(prompts.ids, num_samples=k, generator=generator, row_offset=share.row_offset,
+                               total_rows=share.total_rows)  # N = P*k rows
     texts = rollout.texts(tok)
-    scores = reward([prompts[i]["messages"] for i in rollout.prompt_index.tolist()], texts).view(len(prompts), k)  # (P, k)
+    scores = reward([prompts.messages[i] for i in rollout.prompt_index.tolist()], texts).view(len(prompts), k)  # (P, k)
     lengths = rollout.response_lengths().tolist()  # (N,)
     pairs = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt_ids in enumerate(prompts.ids):
         best, worst = int(scores[i].argmax()), int(scores[i].argmin())
         if scores[i, best] == scores[i, worst]:
             continue  # a tie: no preference to learn
         chosen, rejected = i * k + best, i * k + worst
-        pairs.append({"prompt_ids": prompt["input_ids"],
+        pairs.append({"prompt_ids": prompt_ids,
                       "chosen_ids": rollout.response_ids[chosen, : lengths[chosen]].tolist(),
                       "rejected_ids": rollout.response_ids[rejected, : lengths[rejected]].tolist()})
-    totals = torch.tensor([float(scores.double().sum()), float(scores.numel()), float(scores.double().max(dim=1).values.sum()),
-                           float(len(prompts)), float(rollout.ended_with_eos.sum()), float(rollout.response_lengths().sum()),
-                           float(len(pairs))], dtype=torch.float64)
+    totals = [float(scores.double().sum()), float(scores.numel()), float(scores.double().max(dim=1).values.sum()),
+              float(len(prompts)), float(rollout.ended_with_eos.sum()), float(rollout.response_lengths().sum()),
+              float(len(pairs))]
     return pairs, totals
-
-
-def gather_pairs(pairs: list[dict], dist) -> list[dict]:
-    """Every rank's pairs, in rank order (= prompt order, the shares being contiguous), on every rank."""
-    if dist is None or not dist.distributed:
-        return pairs
-    return gather_lists(pairs)
-
-
-def gold_reward(sampler: Sampler, tok, task, prompts: list[dict], dist=None) -> float:
-    """Mean verifier score of greedy completions of the held-out prompts (each rank answers its contiguous share)."""
-    lo, hi = contiguous_share(len(prompts), dist)
-    total = 0.0
-    if hi > lo:
-        rollout = sampler.generate([p["input_ids"] for p in prompts[lo:hi]], greedy=True)
-        total = float(sum(task.verify_batch([prompt_text(p["messages"]) for p in prompts[lo:hi]], rollout.texts(tok))))
-    if dist is not None and dist.distributed:
-        total = float(all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=dist.device)).item())
-    return total / max(len(prompts), 1)
 
 
 # --------------------------------------------------------------------------- one round of DPO
 
 
-class RoundLogger:
-    """The run's logger with the round's step offset and a `round` field on every record."""
+def train_round(run, cfg: OnlineDPOConfig, model, tok, pairs: list[dict], reference, r: int, offset: int) -> FitResult:
+    """Offline DPO on this round's pairs (reference log-probs cached in the items, or `reference` live): a fresh
+    optimizer and schedule, `epochs_per_round` epochs (or `max_steps` steps); logged with the round and the run's
+    step count. No checkpoint inside a round: a stopped round is redone from its start."""
+    per_epoch = steps_per_epoch(len(pairs), cfg, run.dist.world_size)
+    n_steps = int(cfg.max_steps) if int(cfg.max_steps) > 0 else max(1, math.ceil(cfg.epochs_per_round * per_epoch))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, n_steps)
 
-    def __init__(self, logger, offset: int, r: int):
-        self.logger, self.offset, self.r = logger, offset, r
+    def log(metrics: dict, *, step: int, epoch: float | None = None) -> dict:
+        return run.logger.log({"round": r, **metrics}, step=offset + step)
 
-    def log(self, metrics: dict, *, step: int, epoch: float | None = None) -> dict:
-        return self.logger.log({"round": self.r, **metrics}, step=self.offset + step)
-
-
-def train_round(run, cfg: OnlineDPOConfig, model, tok, pairs: list[dict], reference, r: int, offset: int):
-    """Offline DPO on this round's pairs (reference log-probs cached in the items, or `reference` live)."""
-    round_cfg = convert(cfg, DPOConfig, num_epochs=float(cfg.epochs_per_round), resume="false")
-    scratch = run.output_dir / f".round-{r}"  # where fit would put a checkpoint on a stop signal
-    round_run = dataclasses.replace(run, cfg=round_cfg, logger=RoundLogger(run.logger, offset, r),
-                                    checkpointer=Checkpointer(scratch, keep=1))
-    optimizer = build_optimizer(model, round_cfg)
-    scheduler = build_scheduler(optimizer, round_cfg, total_steps_for(len(pairs), round_cfg, run.dist.world_size))
-    result = fit(round_run, model, optimizer, scheduler, pairs, collate=collate_dpo(tok.pad_token_id, run.device),
-                 loss_fn=dpo_objective(cfg, reference), count_fn=lambda b: b.num_pairs,
-                 tokens_fn=lambda b: int(b.pairs.attention_mask.sum()), tokenizer=tok)
-    if run.dist.is_main:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return result
+    loop = LoopSettings(total_steps=n_steps, log_every=max(1, int(cfg.logging.steps)),
+                        progress=bool(cfg.logging.progress), desc=f"online-dpo round {r}")
+    plan = BatchPlan(int(cfg.batch_size), int(cfg.grad_accum), per_epoch, int(cfg.seed), bool(cfg.data.shuffle))
+    amp = autocast_dtype(cfg, run.device)
+    return fit(model, optimizer, scheduler, pairs, loop=loop, plan=plan, dist=run.dist,
+               collate=collate_dpo(tok.pad_token_id, run.device), loss_fn=dpo_objective(cfg, reference),
+               count_fn=lambda b: b.num_pairs, tokens_fn=sequence_tokens, log=log,
+               max_grad_norm=float(cfg.max_grad_norm), autocast_dtype=amp, scaler=grad_scaler(amp, run.device))
 
 
 def round_reference(cfg: OnlineDPOConfig, r: int, model, initial):
@@ -202,8 +142,8 @@ def round_reference(cfg: OnlineDPOConfig, r: int, model, initial):
     if cfg.precompute_ref:
         # used before the round's first update: it is the round-start policy. The bare model, not the DDP wrapper:
         # each rank scores its own pairs, a different number of forwards, and a DDP forward is a collective.
-        return frozen_reference(unwrap(model))
-    return frozen_reference(copy.deepcopy(unwrap(model)).requires_grad_(False))
+        return frozen_reference(unwrap_parallel(model))
+    return frozen_reference(copy.deepcopy(unwrap_parallel(model)).requires_grad_(False))
 
 
 def initial_reference(cfg: OnlineDPOConfig, model, load):
@@ -237,16 +177,9 @@ def main(cfg: OnlineDPOConfig) -> dict:
     run = setup_run(cfg, "online-dpo")
     tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
     device, is_main = run.device, run.dist.is_main
-    sources = list(cfg.prompts or cfg.data.train)
-    prompts, dropped = load_prompts(sources, cfg, tok, cfg.data.max_rows)
-    if not prompts:
-        raise ConfigError(f"no usable prompt in {', '.join(sources)} ({dropped} longer than max_length - rollout.max_new_tokens)")
-    task, held_out = None, []
-    if cfg.eval_task:
-        from posttrain.tasks import get_task
-
-        task = get_task(cfg.eval_task)
-        held_out = load_prompts(eval_file(cfg, sources), cfg, tok)[0][: cfg.eval_prompts]
+    sources = prompt_sources(cfg)
+    prompts = load_prompts(sources, cfg, tok, cfg.data.max_rows)
+    task, held_out = load_gold_task(cfg, tok, sources)
     reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
                           attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     load = lambda path, keep_float32=True: disable_dropout(load_causal_lm(  # noqa: E731 - a reference: float32
@@ -255,33 +188,31 @@ def main(cfg: OnlineDPOConfig) -> dict:
     model = apply_lora(apply_freeze(load(cfg.model, cfg.lora.r <= 0), cfg.freeze), cfg.lora, "causal_lm")
     trainable, total = count_parameters(model)
     if is_main:
-        print(f"prompts: {len(prompts)} ({dropped} too long); model: {total / 1e6:.2f}M parameters, "
+        print(f"prompts: {len(prompts)}; model: {total / 1e6:.2f}M parameters, "
               f"{trainable / 1e6:.2f}M trainable", flush=True)
-    start, step = 1, 0
-    resume_from = resolve_resume(cfg.resume, run.output_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model=model)
-        start, step = int(state["round"]) + 1, int(state["step"])
-        if is_main:
-            print(f"resumed from {resume_from}: round {start - 1} done, step {step}", flush=True)
+    step, saved = resume_step(run, cfg, model)  # step: optimizer steps so far
+    done = int(saved.get("round", 0))  # rounds already taken
     initial = initial_reference(cfg, model, load)
     model = wrap_model(model, run.dist, "ddp")
     amp = autocast_dtype(cfg, device)
-    sampler = Sampler(unwrap(model), tok, cfg.rollout, amp=amp)
+    sampler = Sampler(unwrap_parallel(model), tok, cfg.rollout, amp=amp)
     record: dict = {}
-    if task is not None and start == 1:
-        record = run.logger.log({"round": 0, "eval_gold_reward": gold_reward(sampler, tok, task, held_out, run.dist)}, step=0)
+    if task is not None and done == 0:
+        record = run.logger.log({"round": 0, "eval_gold_reward": gold_accuracy(sampler, tok, task, held_out, run.dist)[0]},
+                                step=0)
 
-    for r in range(start, cfg.rounds + 1):
+    rounds = Steps(LoopSettings(total_steps=cfg.rounds, start_step=done, progress=False, unit="round"), run.dist)
+    for r in rounds:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r)  # the round's samples: (seed, r) only
-        pairs, stats = sample_pairs(sampler, tok, reward, round_prompts(prompts, cfg, r), cfg.samples_per_prompt, generator,
-                                    run.dist)  # this rank's pairs; stats over all ranks
+        share = RolloutShare(cfg.prompts_per_round, cfg.samples_per_prompt, run.dist)
+        chosen = prompts.select(round_prompts(range(len(prompts)), cfg, r))
+        pairs, stats = sample_pairs(sampler, tok, reward, chosen, cfg.samples_per_prompt, generator, share)
         last: dict = {}
         if stats["pairs"]:
             reference = round_reference(cfg, r, model, initial)
             if cfg.precompute_ref:
                 cache_reference(pairs, reference, tok.pad_token_id, device, cfg.batch_size, amp=amp)
-            pairs = gather_pairs(pairs, run.dist)
+            pairs = share.gather(pairs)  # every rank's, in prompt order: the DPO loop splits them over ranks as usual
             result = train_round(run, cfg, model, tok, pairs, None if cfg.precompute_ref else reference, r, step)
             if result.stopped:
                 if is_main:
@@ -293,16 +224,16 @@ def main(cfg: OnlineDPOConfig) -> dict:
         elif is_main:
             print(f"round {r}: every prompt's samples tied; no pairs, no update", flush=True)
         if task is not None:
-            stats["eval_gold_reward"] = gold_reward(sampler, tok, task, held_out, run.dist)
+            stats["eval_gold_reward"] = gold_accuracy(sampler, tok, task, held_out, run.dist)[0]
         record = run.logger.log({"round": r, **stats, **last}, step=step)
         if is_main:
             print(f"round {r}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()), flush=True)
-        run.checkpointer.save(step, model=unwrap(model), extra={"round": r}, tokenizer=tok)
+        run.checkpointer.save(step, model=unwrap_parallel(model), extra={"round": r}, tokenizer=tok)
+    if rounds.stopped:  # a signal between rounds: the last round's checkpoint is the resume point
+        run.close()
+        return {"round": rounds.step, "step": step, "stopped": True}
 
-    if is_main:
-        out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
-                                     dtype=resolve_dtype(cfg.dtype, device))
-        print(f"saved {out}", flush=True)
+    save_final(run, cfg, model, tok)
     run.close()
     return {"round": cfg.rounds, "step": step, "stopped": False,
             **{k: v for k, v in record.items() if k not in ("step", "epoch")}}

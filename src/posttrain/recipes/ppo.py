@@ -37,7 +37,8 @@ one gradient-norm clip over both, as TRL's PolicyAndValueWrapper (Adam is per-pa
 parameter group is a separate critic optimiser in all but the clipping). With LoRA the reference is
 the adapter-disabled base (no EMA possible then).
 
-Several processes (``--nproc N`` / torchrun): ``rollout.batch_size`` and ``mini_batch_size`` are global. Each rank
+Several processes (``--nproc N`` / torchrun): ``rollout.batch_size`` and ``mini_batch_size`` are global. One
+``engine.dist.RolloutShare`` holds all the rank bookkeeping, so the code above reads as one process: each rank
 takes a contiguous 1/N of the iteration's prompts (all ``samples_per_prompt`` samples of a prompt on one rank, so
 group baselines stay local) and samples them with the uniforms one process would give those rows (the sampler's
 ``row_offset``); scores, log-probs and values are per rank; every batch statistic (reward and advantage whitening,
@@ -55,26 +56,26 @@ import json
 import math
 import time
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from posttrain.config import ConfigError, PPOConfig
-from posttrain.data import epoch_order, load_examples, tokenize_prompt
-from posttrain.engine import (Progress, StopSignal, all_reduce_sum, autocast_dtype, build_scheduler, contiguous_share,
-                              ema_update, grad_scaler, resolve_resume, setup_run, train_step, wrap_model)
-from posttrain.engine.dist import DistInfo
-from posttrain.engine.logging import write_bench_json
+from posttrain.data import prompt_order
+from posttrain.engine import autocast_dtype, build_scheduler, ema_update, grad_scaler, setup_run, train_step, wrap_model
+from posttrain.engine.dist import DistInfo, RolloutShare
+from posttrain.engine.loop import LoopSettings, Steps
 from posttrain.engine.optim import adamw, param_groups
 from posttrain.losses import (AdaptiveKLController, FixedKLController, gae_advantages, grpo_advantages,
-                              kl_estimate, masked_whiten, per_token_rewards, policy_loss, reinforce_pp_returns,
+                              kl_estimate, per_token_rewards, policy_loss, reinforce_pp_returns,
                               rloo_advantages, value_loss)
 from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_causal_lm, load_sequence_classifier,
-                              load_tokenizer, reference_context, resolve_dtype, save_model, save_pretrained_atomic,
-                              token_logprobs, token_values)
+                              load_tokenizer, reference_context, resolve_dtype, save_model, token_logprobs,
+                              token_values)
 from posttrain.rewards import build_reward, prompt_text
 from posttrain.rewards.model import reward_folder
+from posttrain.recipes.common import resume_step, save_final
+from posttrain.recipes.prompts import Prompts, gold_accuracy, load_gold_task, load_prompts, prompt_sources
 from posttrain.rollout.sampler import Sampler
 
 # --------------------------------------------------------------------------- set-up
@@ -106,47 +107,6 @@ def check_world(cfg: PPOConfig, world: int) -> None:
                           f"`rollout.samples_per_prompt` ({r.samples_per_prompt}): a multiple of {world * r.samples_per_prompt}")
     if cfg.mini_batch_size % world:
         raise ConfigError(f"`mini_batch_size` ({cfg.mini_batch_size}) is global: it must be a multiple of the {world} processes")
-
-
-def mean_over_ranks(stats: dict, dist: DistInfo, summed: tuple[str, ...] = ()) -> dict:
-    """Per-rank means over equal shares of the batch -> the batch's means (keys in `summed` are added up)."""
-    if not dist.distributed:
-        return stats
-    names = sorted(stats)
-    total = all_reduce_sum(torch.tensor([float(stats[n]) for n in names], dtype=torch.float64, device=dist.device))
-    return {n: v if n in summed else v / dist.world_size for n, v in zip(names, total.tolist())}
-
-
-@dataclass
-class Prompts:
-    messages: list[list[dict]]
-    ids: list[list[int]]
-
-
-def load_prompts(sources: list[str], cfg: PPOConfig, tok, limit: int = 0) -> Prompts:
-    """Prompt rows (kind `prompt`) tokenised with the generation prompt; too-long prompts are dropped and counted."""
-    examples, _ = load_examples(sources, "prompt", fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
-    if limit > 0:
-        examples = examples[:limit]
-    budget = cfg.max_length - cfg.rollout.max_new_tokens
-    kept = [(ex.prompt, ids) for ex in examples if len(ids := tokenize_prompt(tok, ex.prompt)) <= budget]
-    if not kept:
-        raise ConfigError(f"{', '.join(sources)}: every prompt is longer than max_length - rollout.max_new_tokens = {budget} tokens")
-    if len(kept) < len(examples):
-        print(f"prompts: dropped {len(examples) - len(kept)} of {len(examples)} longer than {budget} tokens", flush=True)
-    return Prompts([m for m, _ in kept], [i for _, i in kept])
-
-
-def eval_sources(cfg: PPOConfig, prompt_sources: list[str]) -> list[str]:
-    """Held-out prompts: `data.eval`, else the task's eval.jsonl beside the prompts file (or `task:NAME/eval.jsonl`)."""
-    if cfg.data.eval:
-        return list(cfg.data.eval)
-    if prompt_sources[0].startswith("task:"):
-        return [prompt_sources[0].split("/", 1)[0] + "/eval.jsonl"]
-    beside = Path(prompt_sources[0]).parent / "eval.jsonl"
-    if not beside.is_file():
-        raise ConfigError(f"`eval_task` is set but there are no held-out prompts: no {beside}; set data.eval")
-    return [str(beside)]
 
 
 @dataclass
@@ -242,9 +202,9 @@ def masked_kl(logp, ref_logp, mask, kind: str) -> torch.Tensor:
     return torch.where(mask, kl_estimate(torch.where(mask, logp, zero), torch.where(mask, ref_logp, zero), kind), zero)
 
 
-def advantages_for(cfg: PPOConfig, scores, kl, values, mask, kl_coef: float, sum_over_ranks=None):
-    """(advantages (N, R), returns (N, R) or None) for the configured estimator (module doc, step 4).
-    `sum_over_ranks`: whiten over every process's tokens (`masked_whiten`)."""
+def advantages_for(cfg: PPOConfig, scores, kl, values, mask, kl_coef: float, share: RolloutShare):
+    """(advantages (N, R), returns (N, R) or None) for the configured estimator (module doc, step 4), whitened over
+    the batch's valid tokens."""
     est, k = cfg.advantage_estimator, cfg.rollout.samples_per_prompt
     returns, whiten = None, cfg.whiten_advantages
     if est == "gae":
@@ -257,20 +217,17 @@ def advantages_for(cfg: PPOConfig, scores, kl, values, mask, kl_coef: float, sum
     else:
         adv, whiten = grpo_advantages(scores, k)[:, None].expand_as(kl), False
     adv = torch.where(mask, adv, torch.zeros_like(adv))
-    count = mask.sum() if sum_over_ranks is None else sum_over_ranks(mask.sum())
-    if whiten and int(count) >= 2:
-        adv = masked_whiten(adv, mask, sum_over_ranks=sum_over_ranks)
+    if whiten and share.count(mask) >= 2:
+        adv = share.whiten(adv, mask)
     return adv, returns
 
 
 @torch.no_grad()
-def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: float, amp,
-                    sampled_logp: torch.Tensor | None = None, dist: DistInfo | None = None) -> tuple[Experience, dict]:
+def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: float, amp, share: RolloutShare,
+                    sampled_logp: torch.Tensor | None = None) -> tuple[Experience, dict]:
     """Old / reference log-probs and values in one no-grad pass each (under the loss's autocast, so the
     first ratio is 1); per-token KL; advantages. `sampled_logp` (N, R): the sampler's log-probs, used as the
-    old log-probs instead of a policy pass (module doc, step 3). With `dist` over several processes, the
-    whitening and the returned stats are over every rank's rows."""
-    several = dist is not None and dist.distributed
+    old log-probs instead of a policy pass (module doc, step 3). Whitening and stats are the batch's (`share`)."""
     seqs, attn, pos, p = batch.sequences, batch.attention_mask, batch.position_ids(), batch.prompt_width
     mask, temp = batch.response_mask.bool(), cfg.rollout.temperature  # (N, R)
     cast = torch.autocast(seqs.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
@@ -283,7 +240,7 @@ def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: floa
                 ref_logp = response_logprobs(base, seqs, attn, pos, p, temp)
         values = response_values(models.critic, seqs, attn, pos, p) if models.critic is not None else None
     kl = masked_kl(old_logp, ref_logp, mask, cfg.kl_estimator)  # (N, R)
-    adv, returns = advantages_for(cfg, scores, kl, values, mask, kl_coef, all_reduce_sum if several else None)
+    adv, returns = advantages_for(cfg, scores, kl, values, mask, kl_coef, share)
     zero = torch.zeros_like(old_logp)
     non_score = (-kl_coef * kl).sum(1)  # (N,)
     stats = {
@@ -292,34 +249,23 @@ def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: floa
         "objective/non_score_reward": float(non_score.mean()),
         "objective/rlhf_reward": float((scores + non_score).mean()),
     }
-    stats = {**(mean_over_ranks(stats, dist) if several else stats), "objective/kl_coef": kl_coef}
+    stats = {**share.mean(stats), "objective/kl_coef": kl_coef}
     exp = Experience(seqs, attn, pos, p, mask, old_logp, ref_logp, adv, values, returns)
     return exp, stats
 
 
-def prompt_indices(n: int, per_iteration: int, cfg: PPOConfig, iteration: int) -> list[int]:
-    """The prompts of one iteration: consecutive slices of seeded epoch orders (resume-exact)."""
-    out, position = [], iteration * per_iteration
-    while len(out) < per_iteration:
-        epoch, offset = divmod(position, n)
-        order = epoch_order(n, shuffle=cfg.data.shuffle, seed=cfg.seed, epoch=epoch)
-        take = order[offset: offset + per_iteration - len(out)]
-        out, position = out + take, position + len(take)
-    return out
-
-
 def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: int, generator, task,
-                      dist: DistInfo | None = None):
-    """Sample a rollout batch and score it (module doc, steps 1-2). Returns (batch, scores (N,), texts, stats).
-    With `dist` over several processes: this rank's share of the batch, and stats over all of it."""
-    k, several = cfg.rollout.samples_per_prompt, dist is not None and dist.distributed
-    chosen = prompt_indices(len(prompts.ids), cfg.rollout.batch_size // k, cfg, iteration)
-    lo, hi = contiguous_share(len(chosen), dist)  # equal shares (`check_world`)
-    chosen = chosen[lo:hi]
-    batch = sampler.generate([prompts.ids[i] for i in chosen], num_samples=k, generator=generator,
-                             row_offset=lo * k, total_rows=cfg.rollout.batch_size)
+                      share: RolloutShare):
+    """Sample a rollout batch and score it (module doc, steps 1-2): this rank's `share` of the batch, with stats
+    and whitening over all of it. Returns (batch, scores (N,), samples to show, stats)."""
+    k = cfg.rollout.samples_per_prompt
+    per_iteration = cfg.rollout.batch_size // k
+    chosen = prompts.select(share.take(prompt_order(len(prompts), per_iteration, iteration * per_iteration,
+                                                    shuffle=cfg.data.shuffle, seed=cfg.seed)))
+    batch = sampler.generate(chosen.ids, num_samples=k, generator=generator, row_offset=share.row_offset,
+                             total_rows=share.total_rows)
     texts = batch.texts(tok)
-    messages = [prompts.messages[chosen[i]] for i in batch.prompt_index.tolist()]
+    messages = [chosen.messages[i] for i in batch.prompt_index.tolist()]
     scores = reward(messages, texts).float()  # (N,), clipped by the source when reward.clip > 0
     scores = scores + cfg.missing_eos_penalty * (~batch.ended_with_eos).float()
     stats = {"objective/scores": float(scores.mean()), "val/num_eos_tokens": int(batch.ended_with_eos.sum()),
@@ -327,11 +273,9 @@ def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: in
     if task is not None:
         gold = task.verify_batch([prompt_text(m) for m in messages], texts)
         stats["objective/gold"] = sum(gold) / len(gold)
-    if several:
-        stats = mean_over_ranks(stats, dist, summed=("val/num_eos_tokens",))
+    stats = share.mean(stats, summed=("val/num_eos_tokens",))
     if cfg.whiten_rewards and cfg.rollout.batch_size >= 2:
-        scores = masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False,
-                               sum_over_ranks=all_reduce_sum if several else None)
+        scores = share.whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False)
     samples = [{"prompt": prompt_text(messages[i]), "completion": texts[i], "score": float(scores[i])} for i in range(min(2, len(texts)))]
     return batch, scores, samples, stats
 
@@ -351,17 +295,16 @@ def ppo_loss_fn(cfg: PPOConfig, kl_coef: float):
             values = response_values(model["critic"], *args)  # (n, R)
             vloss, vstats = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip)
             loss, stats = loss + cfg.vf_coef * vloss, {**stats, **vstats}
-        n = mb.mask.sum()
-        return loss.sum(), {k: (v * n, n) for k, v in stats.items()}
+        return loss.sum(), stats
     return loss_fn
 
 
 def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, scheduler, kl_coef, generator,
-               scaler=None) -> dict:
+               share: RolloutShare, scaler=None) -> dict:
     """ppo_epochs passes over shuffled minibatches; one train_step (+ reference EMA) per minibatch."""
     loss_fn, amp = ppo_loss_fn(cfg, kl_coef), autocast_dtype(cfg, run.device)
     n, sums, steps = exp.mask.shape[0], {}, 0  # this rank's rows
-    per_rank = cfg.mini_batch_size // run.dist.world_size  # each optimizer step: mini_batch_size rows over all ranks
+    per_rank = share.rows_per_rank(cfg.mini_batch_size)  # each optimizer step: mini_batch_size rows over all ranks
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, per_rank):
@@ -382,65 +325,28 @@ def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, 
 # --------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def evaluate(cfg, sampler, tok, task, held_out: Prompts, iteration: int, dist: DistInfo | None = None) -> dict:
-    """Held-out gold accuracy of greedy decoding, and of sampling at the training temperature. Over several
-    processes each rank answers a contiguous share of the prompts (the same samples as one process)."""
-    n = len(held_out.ids)
-    lo, hi = contiguous_share(n, dist)
-    correct = [0.0, 0.0]
-    if hi > lo:
-        ids, questions = held_out.ids[lo:hi], [prompt_text(m) for m in held_out.messages[lo:hi]]
-        greedy = sampler.generate(ids, greedy=True).texts(tok)
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * iteration + 1)
-        sampled = sampler.generate(ids, generator=generator, row_offset=lo, total_rows=n).texts(tok)
-        correct = [float(sum(task.verify_batch(questions, greedy))), float(sum(task.verify_batch(questions, sampled)))]
-    if dist is not None and dist.distributed:
-        correct = all_reduce_sum(torch.tensor(correct, dtype=torch.float64, device=dist.device)).tolist()
-    return {"eval/gold_accuracy": correct[0] / n, "eval/sampled_accuracy": correct[1] / n}
+def evaluate(cfg, sampler, tok, task, held_out: Prompts, iteration: int, dist: DistInfo) -> dict:
+    """Held-out gold accuracy of greedy decoding, and of sampling at the training temperature."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * iteration + 1)
+    greedy, sampled = gold_accuracy(sampler, tok, task, held_out, dist, generator)
+    return {"eval/gold_accuracy": greedy, "eval/sampled_accuracy": sampled}
 
 
 # --------------------------------------------------------------------------- recipe
 
 
-def load_inputs(cfg: PPOConfig, tok):
-    """(training prompts, task or None, held-out prompts or None)."""
-    sources = list(cfg.prompts or cfg.data.train)
-    if not sources:
-        raise ConfigError("no prompts: set `prompts` (or data.train) to a prompt file")
-    prompts = load_prompts(sources, cfg, tok, cfg.data.max_rows)
-    if not cfg.eval_task:
-        return prompts, None, None
-    from posttrain.tasks import get_task
-
-    return prompts, get_task(cfg.eval_task), load_prompts(eval_sources(cfg, sources), cfg, tok, cfg.eval_prompts)
-
-
-def log_iteration(run, cfg: PPOConfig, iteration: int, last: bool, metrics: dict, samples: list, progress) -> dict:
-    """metrics.jsonl, samples.jsonl and a progress line every logging.steps iterations."""
+def log_iteration(run, cfg: PPOConfig, iterations: Steps, iteration: int, metrics: dict, samples: list) -> dict:
+    """metrics.jsonl and samples.jsonl every iteration; a progress line every `log_every` (logging.steps)."""
     record = run.logger.log(metrics, step=iteration)
-    progress.update(1, score=metrics["objective/scores"], kl=metrics["objective/kl"])
+    iterations.show(score=metrics["objective/scores"], kl=metrics["objective/kl"])
     if run.dist.is_main:
         with open(run.output_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             for sample in samples:
                 f.write(json.dumps({"iteration": iteration, **sample}) + "\n")
-        if iteration % max(1, cfg.logging.steps) == 0 or last:
-            shown = {k: round(record[k], 4) for k in ("objective/scores", "objective/kl", "eval/gold_accuracy") if k in record}
-            progress.write(f"iteration {iteration}: {shown} | {samples[0]['completion']!r}")
+    if iterations.due(iterations.settings.log_every, iteration):
+        shown = {k: round(record[k], 4) for k in ("objective/scores", "objective/kl", "eval/gold_accuracy") if k in record}
+        iterations.write(f"iteration {iteration}: {shown} | {samples[0]['completion']!r}")
     return record
-
-
-def save_final(run, cfg: PPOConfig, models: Models, tok) -> None:
-    """final/ = the policy's HF folder, final/critic/ = the critic's."""
-    dtype = resolve_dtype(cfg.dtype, run.device)
-
-    def save_critic(folder: Path) -> None:
-        if models.critic is not None:
-            save_model(models.critic, folder / "critic", dtype=dtype)
-
-    out = save_pretrained_atomic(models.policy, tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora, extra=save_critic,
-                                 dtype=dtype)
-    print(f"saved {out}", flush=True)
 
 
 def main(cfg: PPOConfig) -> dict:
@@ -449,7 +355,9 @@ def main(cfg: PPOConfig) -> dict:
     check_world(cfg, run.dist.world_size)
     device, amp = run.device, autocast_dtype(cfg, run.device)
     tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
-    prompts, task, held_out = load_inputs(cfg, tok)
+    sources = prompt_sources(cfg)
+    prompts = load_prompts(sources, cfg, tok, cfg.data.max_rows)
+    task, held_out = load_gold_task(cfg, tok, sources)
     models = load_models(cfg, tok, device)
     reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
                           attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
@@ -466,56 +374,48 @@ def main(cfg: PPOConfig) -> dict:
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
               if cfg.adaptive_kl_target > 0 else FixedKLController(cfg.kl_coef))
 
-    iteration, record = 0, {}
-    resume_from = resolve_resume(cfg.resume, run.output_dir)
-    if resume_from is not None:
-        saved = run.checkpointer.load(resume_from, model=state, optimizer=optimizer, scheduler=scheduler)
-        iteration, kl_ctl.value = int(saved["step"]), float(saved["kl_coef"])
+    record: dict = {}
+    start, saved = resume_step(run, cfg, state, optimizer, scheduler, unit="iteration")
+    if saved:
+        kl_ctl.value = float(saved["kl_coef"])
         if scaler is not None and "grad_scaler" in saved:
             scaler.load_state_dict(saved["grad_scaler"])
-        if run.dist.is_main:
-            print(f"resumed from {resume_from} at iteration {iteration}", flush=True)
     elif task is not None:
         run.logger.log({**evaluate(cfg, sampler, tok, task, held_out, 0, run.dist), "episodes": 0}, step=0)
 
-    progress = Progress(n_iterations, desc="ppo", enabled=run.dist.is_main and cfg.logging.progress, initial=iteration)
-    loop_start, first_iteration, tokens = time.perf_counter(), iteration, 0
-    with StopSignal() as stop, progress:
-        while iteration < n_iterations:
-            # one generator per iteration for sampling and minibatch order: a resumed run draws the same
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
-            t0 = time.perf_counter()
-            batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration, generator, task,
-                                                              run.dist)
-            batch = batch.to(device)
-            exp, exp_stats = make_experience(cfg, models, batch, scores.to(device), kl_ctl.value, amp,
-                                             sampled_logp=batch.logprobs if amp is None else None, dist=run.dist)
-            t1 = time.perf_counter()
-            tokens += int(batch.attention_mask.sum())
-            train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator,
-                                     scaler)
-            kl_ctl.update(exp_stats["objective/kl"], cfg.rollout.batch_size)
-            iteration += 1
-            metrics = {**stats, **exp_stats, **train_stats, "rollout/seconds": t1 - t0,
-                       "train/seconds": time.perf_counter() - t1, "episodes": iteration * cfg.rollout.batch_size}
-            if task is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or iteration == n_iterations):
-                metrics.update(evaluate(cfg, sampler, tok, task, held_out, iteration, run.dist))
-            record = log_iteration(run, cfg, iteration, iteration == n_iterations, metrics, samples, progress)
-            stopping = stop.should_stop(run.dist)
-            if (cfg.save.steps and iteration % cfg.save.steps == 0 and iteration < n_iterations) or stopping:
-                run.checkpointer.save(iteration, model=state, optimizer=optimizer, scheduler=scheduler,
-                                      extra={"kl_coef": kl_ctl.value,
-                                             **({"grad_scaler": scaler.state_dict()} if scaler is not None else {})})
-            if stopping:
-                progress.write(f"{stop.name or 'signal'}: saved checkpoint at iteration {iteration}; resume with resume=auto")
-                run.close()
-                return {"iteration": iteration, "stopped": True, **record}
-    tokens = int(all_reduce_sum(torch.tensor(tokens, dtype=torch.float64, device=device)).item())
-    if run.dist.is_main:
-        write_bench_json(steps=iteration - first_iteration, tokens=tokens, wall_s=time.perf_counter() - loop_start,
-                         final_loss=record.get("loss/policy_avg"), params=sum(p.numel() for p in models.policy.parameters()),
-                         units=(iteration - first_iteration) * cfg.rollout.batch_size, unit="episodes")
-    if run.dist.is_main:
-        save_final(run, cfg, models, tok)
+    def checkpoint(iteration: int) -> None:
+        scaling = {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+        run.checkpointer.save(iteration, model=state, optimizer=optimizer, scheduler=scheduler,
+                              extra={"kl_coef": kl_ctl.value, **scaling})
+
+    loop = LoopSettings(total_steps=n_iterations, start_step=start, log_every=max(1, cfg.logging.steps),
+                        save_every=cfg.save.steps, progress=cfg.logging.progress, desc="ppo", unit="iteration")
+    iterations = Steps(loop, run.dist, checkpoint)
+    share = RolloutShare(cfg.rollout.batch_size // cfg.rollout.samples_per_prompt, cfg.rollout.samples_per_prompt,
+                         run.dist)  # the same share of every iteration's prompts (`check_world`: equal shares)
+    for iteration in iterations:  # 1-based; the rollout of iteration i draws from (seed, i - 1)
+        # one generator per iteration for sampling and minibatch order: a resumed run draws the same
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration - 1)
+        t0 = time.perf_counter()
+        batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration - 1, generator,
+                                                          task, share)
+        batch = batch.to(device)
+        exp, exp_stats = make_experience(cfg, models, batch, scores.to(device), kl_ctl.value, amp, share,
+                                         sampled_logp=batch.logprobs if amp is None else None)
+        t1 = time.perf_counter()
+        train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator, share,
+                                 scaler)
+        kl_ctl.update(exp_stats["objective/kl"], cfg.rollout.batch_size)
+        metrics = {**stats, **exp_stats, **train_stats, "rollout/seconds": t1 - t0,
+                   "train/seconds": time.perf_counter() - t1, "episodes": iteration * cfg.rollout.batch_size}
+        if task is not None and iterations.due(cfg.eval_every, iteration):
+            metrics.update(evaluate(cfg, sampler, tok, task, held_out, iteration, run.dist))
+        record = log_iteration(run, cfg, iterations, iteration, metrics, samples)
+    if iterations.stopped:
+        run.close()
+        return {"iteration": iterations.step, "stopped": True, **record}
+    critic, dtype = models.critic, resolve_dtype(cfg.dtype, device)
+    save_final(run, cfg, models.policy, tok,  # final/ = the policy's HF folder, final/critic/ = the critic's
+               extra=(lambda folder: save_model(critic, folder / "critic", dtype=dtype)) if critic is not None else None)
     run.close()
-    return {"iteration": iteration, "stopped": False, **record}
+    return {"iteration": iterations.step, "stopped": False, **record}

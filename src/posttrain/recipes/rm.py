@@ -44,15 +44,14 @@ import torch
 from posttrain.config import RMConfig
 from posttrain.data import (PairBatch, RankingBatch, SharedPromptPairs, collate_pairs, collate_prompts,
                             collate_rankings, collate_shared_pairs)
-from posttrain.engine import contiguous_share, full_model_state, setup_run, unwrap
-from posttrain.engine.dist import EvalShare, gather_lists, is_fsdp
-from posttrain.engine.loop import fit
+from posttrain.engine import setup_run
+from posttrain.engine.dist import EvalShare
 from posttrain.losses import bradley_terry_loss
-from posttrain.models import (load_sequence_classifier, load_tokenizer, resolve_dtype, save_pretrained_atomic,
-                              sequence_scores, sequence_scores_at, takes_custom_mask)
+from posttrain.models import (load_sequence_classifier, load_tokenizer, sequence_scores, sequence_scores_at,
+                              takes_custom_mask)
 from posttrain.models import unwrap as base_model
 from posttrain.models.forward import attention_name
-from posttrain.recipes.common import load_data, prepare_trainable
+from posttrain.recipes.common import load_data, prepare_trainable, save_final, train
 
 
 # --------------------------------------------------------------------------- forward and loss
@@ -151,14 +150,10 @@ def chosen_rewards(model, items, pad_id: int, batch_size: int, device) -> torch.
 
 
 def chosen_rewards_over_ranks(model, items, pad_id: int, batch_size: int, device, dist) -> torch.Tensor:
-    """`chosen_rewards` of every item, each rank scoring a contiguous share through the bare model (a DDP forward is a
-    collective, and the shares may differ in size) and the scores gathered in item order. An FSDP2-sharded model
-    needs every rank in every forward, so there each rank scores all items."""
-    if not dist.distributed or is_fsdp(model):
-        return chosen_rewards(model, items, pad_id, batch_size, device)
-    lo, hi = contiguous_share(len(items), dist)
-    mine = chosen_rewards(unwrap(model), items[lo:hi], pad_id, batch_size, device).tolist() if hi > lo else []
-    return torch.tensor(gather_lists(mine), dtype=torch.float32)
+    """`chosen_rewards` of every item, each rank scoring its `EvalShare` of them, gathered in item order."""
+    share = EvalShare(items, model, dist)
+    mine = chosen_rewards(share.model, share.items, pad_id, batch_size, device).tolist() if share.items else []
+    return torch.tensor(share.gather(mine), dtype=torch.float32)
 
 
 def reward_normalisation(rewards: torch.Tensor) -> tuple[float, float]:
@@ -195,9 +190,9 @@ def main(cfg: RMConfig) -> dict:
 
     run.logger.log(data.summary, step=0)
     model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type="seq_cls", n_items=len(data.train))
-    result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=make_loss(cfg),
-                 count_fn=num_examples, tokens_fn=sequence_tokens,
-                 evaluate=make_evaluate(data.eval, cfg, collate, run.dist) if data.eval else None, tokenizer=tok)
+    result = train(run, cfg, model, optimizer, scheduler, data.train, collate=collate, loss_fn=make_loss(cfg),
+                   count_fn=num_examples, tokens_fn=sequence_tokens,
+                   evaluate=make_evaluate(data.eval, cfg, collate, run.dist) if data.eval else None, tokenizer=tok)
     norm: dict[str, float] = {}
     if not result.stopped:
         if cfg.normalize:
@@ -208,11 +203,7 @@ def main(cfg: RMConfig) -> dict:
             base_model(model).config.posttrain_reward_scale = scale
             norm = {"normalize/bias": bias, "normalize/scale": scale}
             run.logger.log(norm, step=result.step)
-        state = full_model_state(model)  # FSDP2: gathered from the shards on every rank; else None
-        if run.dist.is_main:
-            out = save_pretrained_atomic(unwrap(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
-                                         state_dict=state, dtype=resolve_dtype(cfg.dtype, device))
-            print(f"saved {out}" + (f" (reward bias {norm['normalize/bias']:.4g}, scale {norm['normalize/scale']:.4g})"
-                                    if norm else ""), flush=True)
+        save_final(run, cfg, model, tok, note=f" (reward bias {norm['normalize/bias']:.4g}, scale "
+                                              f"{norm['normalize/scale']:.4g})" if norm else "")
     run.close()
     return {"step": result.step, "stopped": result.stopped, **result.last_metrics, **result.eval_metrics, **norm}

@@ -26,12 +26,11 @@ from posttrain.config import SFTConfig
 from posttrain.data import IGNORE, collate_classification, collate_sft, pack_sft
 from posttrain.engine import setup_run
 from posttrain.engine.dist import EvalShare
-from posttrain.engine.loop import fit
 from posttrain.errors import PosttrainError
 from posttrain.losses import sft_loss
 from posttrain.models import load_causal_lm, load_sequence_classifier, load_tokenizer, token_logprobs
 from posttrain.models.forward import packing_layout
-from posttrain.recipes.common import load_data, prepare_trainable, save_final
+from posttrain.recipes.common import load_data, prepare_trainable, save_final, train
 
 
 # --------------------------------------------------------------------------- causal LM
@@ -77,7 +76,7 @@ def cls_loss(model, batch):
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # (B, C)
     loss = F.cross_entropy(logits.float(), batch.labels, reduction="sum")
     correct = (logits.argmax(-1) == batch.labels).sum()
-    return loss, {"accuracy": correct}
+    return loss, {"accuracy": (correct, batch.labels.numel())}
 
 
 def cls_evaluate(items, cfg, pad_id, device, dist=None):
@@ -139,8 +138,8 @@ def main(cfg: SFTConfig) -> dict:
 
     run.logger.log(data.summary, step=0)
     model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type=task_type, n_items=len(data.train))
-    result = fit(run, model, optimizer, scheduler, data.train, collate=collate, loss_fn=loss_fn, count_fn=count_fn,
-                 tokens_fn=tokens_fn, evaluate=evaluate, tokenizer=tok)
+    result = train(run, cfg, model, optimizer, scheduler, data.train, collate=collate, loss_fn=loss_fn,
+                   count_fn=count_fn, tokens_fn=tokens_fn, evaluate=evaluate, tokenizer=tok)
     if not result.stopped:
         save_final(run, cfg, model, tok)
     run.close()

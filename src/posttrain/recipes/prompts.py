@@ -1,0 +1,94 @@
+"""What the online recipes (ppo, grpo, online-dpo) share: their prompts, the held-out prompts, and the held-out
+gold evaluation of a built-in task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import ConfigError
+from posttrain.data import load_examples, tokenize_prompt
+from posttrain.engine.dist import DistInfo, RolloutShare
+from posttrain.rewards import prompt_text
+
+
+@dataclass
+class Prompts:
+    """Prompt rows: the messages (for the reward and the verifier) and their token ids with the generation prompt."""
+
+    messages: list[list[dict]]
+    ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, indices: list[int]) -> Prompts:
+        return Prompts([self.messages[i] for i in indices], [self.ids[i] for i in indices])
+
+
+def load_prompts(sources: list[str], cfg: Any, tok, limit: int = 0) -> Prompts:
+    """Prompt rows (kind `prompt`) of `sources`, the first `limit` when > 0, tokenised with the generation prompt.
+    A prompt longer than max_length - rollout.max_new_tokens (there must be room to answer) is dropped and counted."""
+    examples, _ = load_examples(sources, "prompt", fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
+    if limit > 0:
+        examples = examples[:limit]
+    budget = cfg.max_length - cfg.rollout.max_new_tokens
+    kept = [(ex.prompt, ids) for ex in examples if 0 < len(ids := tokenize_prompt(tok, ex.prompt)) <= budget]
+    if not kept:
+        raise ConfigError(f"{', '.join(sources)}: no usable prompt; every prompt is longer than max_length - "
+                          f"rollout.max_new_tokens = {budget} tokens")
+    if len(kept) < len(examples):
+        print(f"prompts: dropped {len(examples) - len(kept)} of {len(examples)} longer than {budget} tokens", flush=True)
+    return Prompts([m for m, _ in kept], [i for _, i in kept])
+
+
+def prompt_sources(cfg: Any) -> list[str]:
+    """`prompts`, else `data.train`."""
+    sources = list(cfg.prompts or cfg.data.train)
+    if not sources:
+        raise ConfigError("no prompts: set `prompts` (or data.train) to a prompt file, e.g. a task's prompts.jsonl")
+    return sources
+
+
+def held_out_sources(cfg: Any, sources: list[str]) -> list[str]:
+    """The held-out prompts: `data.eval`, else `eval.jsonl` beside the first prompt file (or `task:NAME/eval.jsonl`)."""
+    if cfg.data.eval:
+        return list(cfg.data.eval)
+    if sources[0].startswith("task:"):  # a built-in task's file: its eval.jsonl sits beside it
+        return [sources[0].rsplit("/", 1)[0] + "/eval.jsonl"]
+    beside = Path(sources[0]).parent / "eval.jsonl"
+    if not beside.is_file():
+        raise ConfigError(f"`eval_task` is set but there is no held-out prompt file: set data.eval, or put eval.jsonl "
+                          f"beside {sources[0]} (`posttrain task {cfg.eval_task} DIR` writes one)")
+    return [str(beside)]
+
+
+def load_gold_task(cfg: Any, tok, sources: list[str]):
+    """(the `eval_task`, its first `eval_prompts` held-out prompts), or (None, None) without `eval_task`."""
+    if not cfg.eval_task:
+        return None, None
+    from posttrain.tasks import get_task
+
+    return get_task(cfg.eval_task), load_prompts(held_out_sources(cfg, sources), cfg, tok, cfg.eval_prompts)
+
+
+@torch.no_grad()
+def gold_accuracy(sampler, tok, task, prompts: Prompts, dist: DistInfo | None,
+                  generator: torch.Generator | None = None) -> tuple[float, float | None]:
+    """Mean verifier score of GREEDY completions of the held-out prompts and, with `generator`, of completions sampled
+    at the training temperature (None without). Each rank answers its share of the prompts, sampled as one process
+    would sample those rows."""
+    share = RolloutShare(len(prompts), 1, dist)
+    ids, questions = share.take(prompts.ids), [prompt_text(m) for m in share.take(prompts.messages)]
+    greedy = sampled = 0.0
+    if ids:
+        greedy = float(sum(task.verify_batch(questions, sampler.generate(ids, greedy=True).texts(tok))))
+        if generator is not None:
+            rollout = sampler.generate(ids, generator=generator, row_offset=share.row_offset, total_rows=share.total_rows)
+            sampled = float(sum(task.verify_batch(questions, rollout.texts(tok))))
+    greedy, sampled = share.sum([greedy, sampled])
+    n = max(len(prompts), 1)
+    return greedy / n, (sampled / n if generator is not None else None)
