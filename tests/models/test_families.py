@@ -19,7 +19,8 @@ from posttrain.cli import main
 from posttrain.data.collate import collate_pairs, collate_shared_pairs
 from posttrain.data.formats import ChatExample, PreferenceExample
 from posttrain.data.tokenize import IGNORE, tokenize_preference, tokenize_sft
-from posttrain.models import load_causal_lm, load_tokenizer, position_ids_from_mask, takes_custom_mask, token_logprobs
+from posttrain.data import positions_from_mask
+from posttrain.models import load_causal_lm, load_tokenizer, takes_custom_mask, token_logprobs
 from posttrain.models.head import LogitHead, _agrees, logit_head
 from posttrain.recipes.dpo import completion_logps
 
@@ -54,7 +55,7 @@ def left_padded(tok, texts):
 
 def own_logprobs(model, ids, mask, temperature=1.0):
     """log_softmax(model(...).logits / T) at the next token, float64: (B, T-1)."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False).logits
     logp = F.log_softmax(logits[:, :-1].double() / temperature, dim=-1)
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1), logits
 
@@ -197,7 +198,7 @@ def test_reward_scores_are_the_classifiers_own_logits(family_dir, name):
     ids, mask = left_padded(tok, ["Hello!", "The quick brown fox jumps over the lazy dog."])
     with torch.no_grad():
         got = sequence_scores(rm, ids, mask)
-        own = rm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, 0]
+        own = rm(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, 0]
     torch.testing.assert_close(got, own.float(), rtol=0, atol=1e-5)
 
 

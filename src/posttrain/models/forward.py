@@ -188,7 +188,7 @@ def token_logprobs(
     head = logit_head(unwrap(model))
     if head.own_forward:
         if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
+            position_ids = positions_from_mask(attention_mask)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits[:, start:-1]  # (B, T-1-start, V)
         return _logprobs_from_own_logits(logits, targets, temperature, return_entropy)
