@@ -279,3 +279,16 @@ def test_rollout_backend_vllm_is_used_by_eval_and_generate(tiny_model, tmp_path,
             if command == "eval" else [command, str(tiny_model), "hi"])
     assert main([*args, "rollout.backend=vllm", "rollout.max_new_tokens=2"]) == 2
     assert "rollout.backend=vllm needs vLLM: pip install 'posttrain[vllm]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,key", [(["task=classification", "packing=true"], "packing"),
+                                       (["task=classification", "loss_on=all"], "loss_on"),
+                                       (["num_labels=3"], "num_labels")])
+def test_sft_refuses_the_other_tasks_keys_by_name(tiny_model, tmp_path, capsys, extra, key):
+    """A key of task=causal_lm with task=classification (and the reverse) would be ignored: it is refused before
+    the run writes anything."""
+    out = tmp_path / "run"
+    assert main(["sft", f"model={tiny_model}", "data.train=task:sentiment/classify.jsonl", f"output_dir={out}",
+                 "max_steps=1", *extra]) == 2
+    assert f"`{key}" in capsys.readouterr().err
+    assert not out.exists()
