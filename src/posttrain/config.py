@@ -277,6 +277,12 @@ def _refused(cmd: str, **extra: str) -> dict[str, str]:
 
 @dataclass
 class SFTConfig(SupervisedKeys, OptimKeys, RunKeys, ModelLoadKeys):
+    ONLY_WITH: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
+        "packing": ("task", ("causal_lm",)),
+        "loss_on": ("task", ("causal_lm",)),
+        "num_labels": ("task", ("classification",)),
+    }
+
     task: SFTTask = opt("causal_lm", "causal_lm (instruction tuning) or classification (new head)")
     num_labels: int = opt(0, "classification: number of labels (0 = from the data)")
     loss_on: LossOn = opt("assistant", "assistant (assistant turns), completion (last assistant turn), or all tokens")

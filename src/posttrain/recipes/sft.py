@@ -22,7 +22,7 @@ import math
 
 import torch.nn.functional as F
 
-from posttrain.config import ConfigError, SFTConfig
+from posttrain.config import SFTConfig
 from posttrain.data import IGNORE, collate_classification, collate_sft, pack_sft
 from posttrain.engine import setup_run
 from posttrain.engine.dist import EvalShare
@@ -100,19 +100,7 @@ def cls_evaluate(items, cfg, pad_id, device, dist=None):
 # --------------------------------------------------------------------------- recipe
 
 
-def check_config(cfg: SFTConfig) -> None:
-    """Keys that belong to one `task` are refused with the other, by name."""
-    if cfg.task == "classification":
-        if cfg.packing:
-            raise ConfigError("`packing` is for task=causal_lm (a classifier reads one sequence per row)")
-        if cfg.loss_on != "assistant":
-            raise ConfigError(f"`loss_on: {cfg.loss_on}` is for task=causal_lm (a classifier's loss is on its label)")
-    elif cfg.num_labels:
-        raise ConfigError(f"`num_labels: {cfg.num_labels}` is for task=classification (a causal LM predicts tokens)")
-
-
 def main(cfg: SFTConfig) -> dict:
-    check_config(cfg)
     run = setup_run(cfg, "sft")
     tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
     device = run.device
