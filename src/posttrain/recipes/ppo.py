@@ -12,8 +12,8 @@ One iteration = ``rollout.batch_size`` episodes; ``total_episodes // rollout.bat
 3. Experience, no grad, one pass of each model over the whole batch: old log-probs of the policy and
    reference log-probs, both at the sampling temperature (logits / T, as the loss); values from the
    critic (no reference at all when ``kl_coef`` is 0: the objective never reads it, so neither its copy nor its
-   pass exists, and ``objective/kl`` is not logged). The old log-probs are the sampler's own (same weights and temperature, dropout off; its KV-cached
-   forward agrees with a recomputation to ~1e-6), so the policy is not run again; under autocast, where the
+   pass exists, and ``objective/kl`` is not logged). The old log-probs are the sampler's own (same weights and
+   temperature, dropout off; its KV-cached forward agrees with a recomputation to ~1e-6), so the policy is not run again; under autocast, where the
    loss's precision differs from the sampler's, they are recomputed in that one pass instead. Per-token KL estimate (``kl_estimator``); per-token reward = -kl_coef * kl_t plus the score
    at the last response token.
 4. Advantages (``advantage_estimator``):
@@ -298,7 +298,7 @@ def ppo_loss_fn(cfg: PPOConfig, kl_coef: float):
         args = (mb.sequences, mb.attention_mask, mb.position_ids, mb.prompt_width)
         logp = response_logprobs(model["policy"], *args, cfg.rollout.temperature)  # (n, R)
         loss, stats = policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, cfg.clip_range)  # (n, R)
-        if cfg.advantage_estimator == "grpo" and kl_coef != 0:  # Shao et al. 2024 eq. 3: the KL in the loss, not the reward
+        if cfg.advantage_estimator == "grpo" and kl_coef != 0:  # Shao et al. 2024 eq. 3: the KL in the loss
             loss = loss + kl_coef * masked_kl(logp, mb.ref_logp, mb.mask, "k3")
         if "critic" in model:
             values = response_values(model["critic"], *args)  # (n, R)
