@@ -416,7 +416,7 @@ class PPOConfig(OptimKeys, RunKeys, ModelLoadKeys):
     vf_coef: float = opt(0.1, "value loss weight")
     gamma: float = opt(1.0, "discount")
     lam: float = opt(0.95, "GAE lambda")
-    kl_coef: float = opt(0.05, "KL penalty weight")
+    kl_coef: float = opt(0.05, "KL penalty weight; 0 = no penalty and no reference model (none loaded, none run)")
     kl_estimator: KLEstimator = opt("k1", "k1, k2 or k3 (Schulman's estimators)")
     adaptive_kl_target: float = opt(0.0, "target KL for the adaptive controller (0 = fixed kl_coef)")
     adaptive_kl_horizon: int = opt(10000, "horizon (episodes) of the adaptive KL controller (Ziegler et al. 2019)")
