@@ -32,6 +32,7 @@ ENTRY = {
     "dpo": "posttrain.recipes.dpo:main",
     "online-dpo": "posttrain.recipes.online_dpo:main",
     "ppo": "posttrain.recipes.ppo:main",
+    "grpo": "posttrain.recipes.grpo:main",
     "demo": "posttrain.recipes.demo:main",
     "eval": "posttrain.eval.run:main",
     "generate": "posttrain.rollout.generate:main",
@@ -60,6 +61,7 @@ commands:
   dpo          offline DPO (sigmoid, ipo, hinge, robust; + SFT term)
   online-dpo   iterative online DPO (sample, label, train, repeat)
   ppo          PPO with a reward model / function / verifier and a critic (or GRPO, RLOO, REINFORCE++)
+  grpo         GRPO and its family (DAPO, Dr. GRPO, GSPO): group-relative, critic-free, TRL's key names
   eval         evaluate a model: gold accuracy, pass@k, reward, KL, length, EOS rate, perplexity
   generate     sample from a model (--chat for a terminal chat)
   demo         the whole pipeline on the embedded default, with a report
