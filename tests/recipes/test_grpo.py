@@ -231,10 +231,10 @@ def test_sigterm_then_resume_equals_uninterrupted(tiny_model, arith_dir, tmp_pat
 def test_two_processes_equal_one(tiny_model, arith_dir, tmp_path, constant_reward):
     """torchrun with 2 gloo ranks == 1 process: 2 prompts x 4 completions, each rank samples its prompt's group
     with the one-process uniforms; scale_rewards=batch takes the std over both ranks; 2 optimizer steps per
-    generation of 4 rows each (2 per rank), the KL in the loss. Same logged statistics, same final weights up to
+    generation (num_iterations) over all 8 rows (micro-batches of 2 on each rank), the KL in the loss. Same logged statistics, same final weights up to
     float32 rounding."""
     extra = ["reward.task=", f"reward.function={constant_reward}:length", "scale_rewards=batch", "beta=0.1",
-             "steps_per_generation=2", "batch_size=2", "loss_type=grpo", "dtype=float32"]
+             "num_iterations=2", "batch_size=2", "loss_type=grpo", "dtype=float32"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(grpo_args(tiny_model, arith_dir, one, *extra)) == 0
     run_two_processes(grpo_args(tiny_model, arith_dir, two, *extra))
