@@ -249,3 +249,22 @@ def test_two_processes_equal_one(tiny_model, arith_dir, tmp_path, constant_rewar
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert_same_trained_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
+
+
+def test_ppo_loss_agg_mode(tiny_model, arith_dir, tmp_path):
+    """ppo's `loss_agg_mode` changes the loss of the same first optimizer step (same rollout, same weights): the
+    default dapo is the token mean over the minibatch, dr_grpo the token sum / (max_new_tokens 8 x 8 sequences). Only
+    the scale differs, so the gradient norm (measured before clipping) scales by tokens / 64."""
+    losses = {}
+    for mode in ("dapo", "dr_grpo"):
+        out = tmp_path / mode
+        assert main(["ppo", f"model={tiny_model}", f"prompts={arith_dir / 'prompts.jsonl'}", f"output_dir={out}",
+                     "reward.task=arithmetic", "rollout.batch_size=8", "rollout.max_new_tokens=8", "total_episodes=8",
+                     "mini_batch_size=8", "batch_size=8", "ppo_epochs=1", "advantage_estimator=rloo",
+                     "rollout.samples_per_prompt=4", "logging.progress=false", f"loss_agg_mode={mode}"]) == 0
+        losses[mode] = [r for r in read_metrics(out / "metrics.jsonl") if "objective/kl" in r][0]
+    a, b = losses["dapo"], losses["dr_grpo"]
+    assert a["objective/scores"] == b["objective/scores"] and a["policy/clipfrac_avg"] == b["policy/clipfrac_avg"]
+    tokens = a["rollout/response_length"] * 8
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"] * tokens / 64, rel=1e-4)
+
