@@ -246,6 +246,11 @@ def test_the_enum_types_name_what_the_library_takes():
     assert args(config.TaskName) == tuple(TASKS) and args(config.OptionalTask) == ("", *TASKS)
     assert args(config.TinySize) == tuple(SIZES)
     assert args(config.DemoTask) == tuple(DEMO_TASKS)
+    from posttrain.losses import GRPO_LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS, SCALE_REWARDS
+
+    assert args(config.GRPOLossType) == GRPO_LOSS_TYPES
+    assert args(config.ScaleRewards) == SCALE_REWARDS
+    assert args(config.ImportanceSamplingLevel) == IMPORTANCE_SAMPLING_LEVELS
 
 
 # --------------------------------------------------------------------------- keys honoured where they were ignored

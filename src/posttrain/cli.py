@@ -33,6 +33,7 @@ ENTRY = {
     "kto": "posttrain.recipes.kto:main",
     "online-dpo": "posttrain.recipes.online_dpo:main",
     "ppo": "posttrain.recipes.ppo:main",
+    "grpo": "posttrain.recipes.grpo:main",
     "demo": "posttrain.recipes.demo:main",
     "eval": "posttrain.eval.run:main",
     "generate": "posttrain.rollout.generate:main",
@@ -63,6 +64,7 @@ commands:
   kto          KTO on unpaired desirable / undesirable completions (or preference pairs, unpaired)
   online-dpo   iterative online DPO (sample, label, train, repeat)
   ppo          PPO with a reward model / function / verifier and a critic (or GRPO, RLOO, REINFORCE++)
+  grpo         GRPO and its family (DAPO, Dr. GRPO, GSPO): group-relative, critic-free, TRL's key names
   eval         evaluate a model: gold accuracy, pass@k, reward, KL, length, EOS rate, perplexity
   generate     sample from a model (--chat for a terminal chat)
   demo         the whole pipeline on the embedded default, with a report

@@ -59,6 +59,9 @@ DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 PrefLossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "cpo", "orpo"]  # dpo: + the reference-free
 KLEstimator = Literal["k1", "k2", "k3"]
 AdvantageEstimator = Literal["gae", "grpo", "rloo", "reinforce_pp"]
+GRPOLossType = Literal["grpo", "dapo", "dr_grpo", "bnpo"]
+ScaleRewards = Literal["group", "batch", "none"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
 CriticInit = Literal["auto", "reward", "policy"]
 Backend = Literal["hf", "vllm"]
 TaskName = Literal["arithmetic", "sentiment", "dialogue"]
@@ -165,6 +168,14 @@ class RolloutConfig(SamplingConfig):
 
     batch_size: int = opt(64, "prompts x samples generated per rollout batch (episodes per PPO iteration)")
     samples_per_prompt: int = opt(1, "completions sampled per prompt (group size for grpo / rloo)")
+
+
+@dataclass
+class GRPORolloutConfig(SamplingConfig):
+    """grpo's rollout: how many completions one generation samples."""
+
+    batch_size: int = opt(64, "completions sampled per generation, over all processes: prompts x num_generations "
+                              "(TRL's generation_batch_size)")
 
 
 @dataclass
@@ -425,6 +436,10 @@ class PPOConfig(OptimKeys, RunKeys, ModelLoadKeys):
     ref_ema: float = opt(0.0, "0 = frozen reference; else the EMA weight given to the policy each step")
     missing_eos_penalty: float = opt(-1.0, "added to the score of a response with no EOS (0 = off)")
     advantage_estimator: AdvantageEstimator = opt("gae", "gae (critic), grpo, rloo, reinforce_pp")
+    loss_agg_mode: GRPOLossType = opt("dapo", "how per-token losses make the minibatch's loss (grpo's loss_type names): "
+                                      "dapo (token mean over the minibatch), grpo (mean over sequences of token means), "
+                                      "dr_grpo (token sum / rollout.max_new_tokens, mean over sequences), bnpo (token "
+                                      "mean of each micro-batch, averaged)")
     critic_init: CriticInit = opt("auto", "reward (from the reward model), policy (policy backbone), auto")
     critic_learning_rate: float = opt(0.0, "critic learning rate (0 = learning_rate)")
     eval_task: OptionalTask = opt("", "built-in task whose verifier scores held-out prompts during training")
@@ -433,6 +448,70 @@ class PPOConfig(OptimKeys, RunKeys, ModelLoadKeys):
     learning_rate: float = opt(1e-5, "actor learning rate")
     data: PromptDataConfig = sub(PromptDataConfig, "prompt sources and format")
     rollout: RolloutConfig = sub(RolloutConfig, "sampling")
+    reward: RewardConfig = sub(RewardConfig, "reward source(s)")
+    lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")
+    freeze: FreezeConfig = sub(FreezeConfig, "layer freezing")
+    logging: OnlineLoggingConfig = sub(OnlineLoggingConfig, "metrics logging")
+    save: SaveConfig = sub(SaveConfig, "checkpoints")
+
+
+@dataclass
+class GRPOConfig(OptimKeys, RunKeys, ModelLoadKeys):
+    # TRL's GRPOConfig names where TRL has one; the run's length is `total_episodes`, as ppo's.
+    REFUSED: ClassVar[dict[str, str]] = _refused(
+        "grpo",
+        max_steps="grpo runs `total_episodes` completions: total_episodes // rollout.batch_size generations, each "
+                  "num_iterations x steps_per_generation optimizer steps",
+        num_epochs="grpo runs `total_episodes` completions (`num_iterations` is the passes over each generation)",
+        grad_accum="grpo's optimizer step is rollout.batch_size / steps_per_generation completions, in micro-batches "
+                   "of `batch_size`",
+        generation_batch_size="grpo's key is `rollout.batch_size` (completions per generation)",
+        max_completion_length="grpo's key is `rollout.max_new_tokens`",
+        kl_coef="grpo's KL weight is `beta`", clip_range="grpo's clip keys are `epsilon` and `epsilon_high`",
+        ppo_epochs="grpo's key is `num_iterations`", mini_batch_size="grpo's key is `steps_per_generation`",
+        advantage_estimator="grpo's advantages are group-relative: `scale_rewards` chooses the std",
+        loss_agg_mode="grpo's key is `loss_type`",
+        missing_eos_penalty="grpo: `overlong_buffer_len` (DAPO's soft penalty) or `mask_truncated_completions`",
+        **{"logging.eval_steps": "grpo evaluates every `eval_every` generations",
+           "rollout.samples_per_prompt": "grpo's key is `num_generations`"})
+
+    prompts: list[str] = opt([], "prompt file(s) (default: data.train)")
+    total_episodes: int = opt(1024, "completions sampled over the whole run: total_episodes // rollout.batch_size "
+                                    "generations")
+    num_generations: int = opt(8, "completions per prompt (the group); rollout.batch_size must be a multiple")
+    loss_type: GRPOLossType = opt("dapo", "how per-token losses make an optimizer step's loss: grpo (mean over "
+                                  "sequences of each one's token mean), dapo (token mean over the step), dr_grpo "
+                                  "(token sum / rollout.max_new_tokens, mean over sequences: no length bias), bnpo "
+                                  "(token mean of each micro-batch, averaged over micro-batches and processes)")
+    scale_rewards: ScaleRewards = opt("group", "divide the group-centred rewards by the group's std (group), the "
+                                      "batch's std (batch), or nothing (none: Dr. GRPO)")
+    epsilon: float = opt(0.2, "clip the ratio below at 1 - epsilon (and above at 1 + epsilon unless epsilon_high)")
+    epsilon_high: float = opt(0.0, "upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28; 0 = epsilon)")
+    importance_sampling_level: ImportanceSamplingLevel = opt(
+        "token", "token (one ratio per token) or sequence (GSPO: one ratio per completion, exp of the mean token "
+                 "log-ratio)")
+    beta: float = opt(0.0, "KL weight toward the starting policy (0 = no reference model is loaded)")
+    kl_in_reward: bool = opt(False, "put the KL in the reward (beta * sum of k1 subtracted from each score before the "
+                                    "group baseline) instead of the loss (beta * k3 per token, clamped as verl does)")
+    num_iterations: int = opt(1, "optimizer passes over each generation (the old log-probs are kept; mu in GRPO)")
+    steps_per_generation: int = opt(1, "optimizer steps per pass: each takes rollout.batch_size / steps_per_generation "
+                                       "completions")
+    mask_truncated_completions: bool = opt(False, "leave completions that hit rollout.max_new_tokens (no EOS) out of "
+                                                  "the loss (their rewards still enter the group baselines)")
+    overlong_buffer_len: int = opt(0, "DAPO's soft overlong penalty: over the last N tokens before "
+                                      "rollout.max_new_tokens the reward falls linearly to -overlong_penalty_factor "
+                                      "(0 = off)")
+    overlong_penalty_factor: float = opt(1.0, "the soft overlong penalty at rollout.max_new_tokens")
+    dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: drop groups whose rewards are all equal (no signal) "
+                                        "and sample more prompts until the generation is full")
+    max_generation_batches: int = opt(4, "dynamic sampling: at most this many rollout batches per generation; "
+                                         "short of groups then, train on those kept")
+    eval_task: OptionalTask = opt("", "built-in task whose verifier scores held-out prompts during training")
+    eval_prompts: int = opt(64, "held-out prompts scored at each evaluation")
+    eval_every: int = opt(0, "evaluate every N generations (0 = start and end only)")
+    learning_rate: float = opt(1e-6, "peak learning rate")
+    data: PromptDataConfig = sub(PromptDataConfig, "prompt sources and format")
+    rollout: GRPORolloutConfig = sub(GRPORolloutConfig, "sampling")
     reward: RewardConfig = sub(RewardConfig, "reward source(s)")
     lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")
     freeze: FreezeConfig = sub(FreezeConfig, "layer freezing")
@@ -520,6 +599,7 @@ COMMANDS: dict[str, type] = {
     "kto": KTOConfig,
     "online-dpo": OnlineDPOConfig,
     "ppo": PPOConfig,
+    "grpo": GRPOConfig,
     "eval": EvalConfig,
     "generate": GenerateConfig,
     "tiny-model": TinyModelConfig,

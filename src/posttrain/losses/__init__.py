@@ -6,6 +6,10 @@ and a dict of detached stats; the caller normalises by the global count of the o
 
 from posttrain.losses.dpo import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from posttrain.losses.kto import kto_loss
+from posttrain.losses.grpo import (IMPORTANCE_SAMPLING_LEVELS, SCALE_REWARDS, aggregate, aggregate_count,
+                                   clipped_surrogate, group_advantages, importance_log_ratio, k3_kl,
+                                   soft_overlong_penalty)
+from posttrain.losses.grpo import LOSS_TYPES as GRPO_LOSS_TYPES
 from posttrain.losses.logprobs import entropy_from_logits, logprobs_from_hidden, logprobs_from_logits, selective_log_softmax
 from posttrain.losses.ppo import (
     KL_ESTIMATORS,
@@ -56,4 +60,14 @@ __all__ = [
     "ranking_loss",
     "ranking_pairs",
     "sft_loss",
+    "GRPO_LOSS_TYPES",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "SCALE_REWARDS",
+    "aggregate",
+    "aggregate_count",
+    "clipped_surrogate",
+    "group_advantages",
+    "importance_log_ratio",
+    "k3_kl",
+    "soft_overlong_penalty",
 ]

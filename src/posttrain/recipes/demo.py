@@ -50,6 +50,9 @@ TASKS = {"arithmetic": "demo", "sentiment": "demo/sentiment"}  # task -> config 
 PPO_QUICK = ["total_episodes=16", "rollout.batch_size=8", "mini_batch_size=8", "batch_size=8", "ppo_epochs=1",
              "eval_prompts=8", "eval_every=1"]
 DPO_QUICK = ["max_steps=4", "batch_size=8", "data.max_rows=64"]
+GRPO_ROWS = ["grpo", "dr_grpo", "dapo"]  # arithmetic only: `posttrain grpo examples/demo/NAME.yaml`
+GRPO_QUICK = ["total_episodes=16", "rollout.batch_size=8", "num_generations=4", "steps_per_generation=1",
+              "batch_size=8", "eval_prompts=8", "eval_every=1"]
 
 
 @dataclass
@@ -102,7 +105,11 @@ def pipeline(task: str, out: Path) -> list[Stage]:
               "dpo-iter/final/config.json", ["sft"],
               ["rounds=2", "prompts_per_round=8", "samples_per_prompt=2", "batch_size=4", "eval_prompts=8"]),
     ]
-    for method in METHODS:
+    grpo_rows = GRPO_ROWS if task == "arithmetic" else []
+    stages += [Stage(name, "grpo", f"{name}.yaml", [f"model={sft}", f"prompts={data}/prompts.jsonl",
+                                                   f"output_dir={o(name)}"], f"{name}/final/config.json", ["sft"],
+                     GRPO_QUICK) for name in grpo_rows]
+    for method in METHODS + grpo_rows:
         stages.append(eval_stage(method, method, out, sft, data, reward_rm))
     return stages
 

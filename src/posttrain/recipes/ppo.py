@@ -27,8 +27,9 @@ One iteration = ``rollout.batch_size`` episodes; ``total_episodes // rollout.bat
    sequences, each one optimizer step over micro-batches of ``batch_size`` sequences
    (``engine.train_step``). Loss = clipped policy loss (``clip_range``) + vf_coef * clipped value loss
    (``value_clip``) [+ kl_coef * k3 for grpo].
-   NORMALISATION: every per-token term is summed over the valid response tokens of the whole
-   minibatch and divided by their count (a token mean over the minibatch, exact across micro-batches).
+   NORMALISATION (``loss_agg_mode``, default ``dapo``): every per-token term is summed over the valid response
+   tokens of the whole minibatch and divided by their count (a token mean over the minibatch, exact across
+   micro-batches); ``grpo`` / ``dr_grpo`` / ``bnpo`` aggregate as grpo's ``loss_type`` (``losses.grpo``).
    After each optimizer step with ``ref_ema = eta > 0``: ref <- eta * policy + (1 - eta) * ref.
    The adaptive KL controller (``adaptive_kl_target > 0``) updates kl_coef once per iteration.
 
@@ -64,10 +65,11 @@ from torch import nn
 from posttrain.config import ConfigError, PPOConfig
 from posttrain.data import prompt_order
 from posttrain.engine import autocast_dtype, build_scheduler, ema_update, grad_scaler, setup_run, train_step, wrap_model
-from posttrain.engine.dist import DistInfo, RolloutShare
+from posttrain.engine.dist import RolloutShare
 from posttrain.engine.loop import LoopSettings, Steps
 from posttrain.engine.optim import adamw, param_groups
-from posttrain.losses import (AdaptiveKLController, FixedKLController, gae_advantages, grpo_advantages,
+from posttrain.losses import (AdaptiveKLController, FixedKLController, aggregate, aggregate_count, gae_advantages,
+                              grpo_advantages,
                               kl_estimate, per_token_rewards, policy_loss, reinforce_pp_returns,
                               rloo_advantages, value_loss)
 from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_causal_lm, load_sequence_classifier,
@@ -76,7 +78,7 @@ from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_ca
 from posttrain.rewards import build_reward, prompt_text
 from posttrain.rewards.model import reward_folder
 from posttrain.recipes.common import resume_step, save_final
-from posttrain.recipes.prompts import Prompts, gold_accuracy, load_gold_task, load_prompts, prompt_sources
+from posttrain.recipes.prompts import Prompts, gold_metrics, load_gold_task, load_prompts, prompt_sources
 from posttrain.rollout.sampler import Sampler
 
 # --------------------------------------------------------------------------- set-up
@@ -293,7 +295,7 @@ def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: in
 
 
 def ppo_loss_fn(cfg: PPOConfig, kl_coef: float):
-    """loss_fn for train_step: (sum over valid tokens of the per-token loss, stats as (sum, count))."""
+    """loss_fn for train_step: (the per-token loss aggregated as `loss_agg_mode` says, stats as (sum, count))."""
     def loss_fn(model: nn.ModuleDict, mb: Experience):
         args = (mb.sequences, mb.attention_mask, mb.position_ids, mb.prompt_width)
         logp = response_logprobs(model["policy"], *args, cfg.rollout.temperature)  # (n, R)
@@ -304,7 +306,8 @@ def ppo_loss_fn(cfg: PPOConfig, kl_coef: float):
             values = response_values(model["critic"], *args)  # (n, R)
             vloss, vstats = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip)
             loss, stats = loss + cfg.vf_coef * vloss, {**stats, **vstats}
-        return loss.sum(), stats
+        loss_sum, _ = aggregate(loss, mb.mask, cfg.loss_agg_mode, cfg.rollout.max_new_tokens)
+        return loss_sum, stats
     return loss_fn
 
 
@@ -320,7 +323,7 @@ def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, 
             rows = order[start: start + per_rank]
             micro = [exp.rows(rows[i: i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
             metrics = train_step(trainable, micro, loss_fn, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
-                                 dist=run.dist, count_fn=lambda m: int(m.mask.sum()), autocast_dtype=amp, scaler=scaler)
+                                 dist=run.dist, count_fn=lambda m: aggregate_count(m.mask, cfg.loss_agg_mode), autocast_dtype=amp, scaler=scaler)
             if cfg.ref_ema > 0:
                 ema_update(models.ref, models.policy, cfg.ref_ema)
             for k, v in metrics.items():
@@ -334,11 +337,7 @@ def ppo_update(cfg, run, trainable, models: Models, exp: Experience, optimizer, 
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(cfg, sampler, tok, task, held_out: Prompts, iteration: int, dist: DistInfo) -> dict:
-    """Held-out gold accuracy of greedy decoding, and of sampling at the training temperature."""
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * iteration + 1)
-    greedy, sampled = gold_accuracy(sampler, tok, task, held_out, dist, generator)
-    return {"eval/gold_accuracy": greedy, "eval/sampled_accuracy": sampled}
+evaluate = gold_metrics  # held-out gold accuracy, greedy and sampled at the training temperature (shared with grpo)
 
 
 # --------------------------------------------------------------------------- recipe

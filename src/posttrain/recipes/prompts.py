@@ -92,3 +92,11 @@ def gold_accuracy(sampler, tok, task, prompts: Prompts, dist: DistInfo | None,
     greedy, sampled = share.sum([greedy, sampled])
     n = max(len(prompts), 1)
     return greedy / n, (sampled / n if generator is not None else None)
+
+
+def gold_metrics(cfg: Any, sampler, tok, task, held_out: Prompts, step: int, dist: DistInfo | None) -> dict:
+    """`eval/gold_accuracy` (greedy decoding) and `eval/sampled_accuracy` (sampling at the training temperature, with
+    draws seeded by `seed` and `step`) on the held-out prompts: ppo's and grpo's evaluation."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * step + 1)
+    greedy, sampled = gold_accuracy(sampler, tok, task, held_out, dist, generator)
+    return {"eval/gold_accuracy": greedy, "eval/sampled_accuracy": sampled}
