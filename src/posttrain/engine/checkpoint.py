@@ -267,6 +267,7 @@ def link_identical(checkpoint: str | Path, other: str | Path) -> int:
 
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_DISK_MESSAGES = tuple(os.strerror(code) for code in _DISK_ERRORS)
 
 
 class Checkpointer:
@@ -305,7 +306,8 @@ class Checkpointer:
                 self._write(final, int(step), model, model_sd, optim_sd, scheduler, extra or {}, tokenizer)
             except Exception as e:  # reported on every rank below, so no rank waits forever
                 error = f"{type(e).__name__}: {e}"
-                if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+                # safetensors reports the OS error in its message, not as an OSError
+                if (isinstance(e, OSError) and e.errno in _DISK_ERRORS) or any(m in str(e) for m in _DISK_MESSAGES):
                     kept = self.latest()
                     error += (f" -- the disk (or a file-size or quota limit) is full; the last good checkpoint "
                               f"{kept if kept is not None else '(none yet)'} is kept. Free space, then resume=auto")
