@@ -217,6 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PosttrainError) as e:
         print(f"posttrain {command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from posttrain.engine.dist import peer_failure
+
+        lost = peer_failure(e)
+        if lost is None:
+            raise
+        print(f"posttrain {command}: error: {lost}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)  # the process group is broken: a normal exit would wait on its threads
     except KeyboardInterrupt:
         print(f"posttrain {command}: interrupted", file=sys.stderr)
         return 130

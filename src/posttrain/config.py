@@ -233,7 +233,10 @@ class RunKeys:
     seed: int = opt(0, "one seed for data order, init and sampling")
     max_length: int = opt(512, "longest tokenized sequence; longer ones are truncated (completion side) or dropped, and counted")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
-    resume: str = opt("auto", "auto (latest checkpoint in output_dir), a checkpoint path, or false")
+    resume: str = opt("auto", "auto (the newest checkpoint in output_dir that verifies against its manifest), a "
+                      "checkpoint path (refused if it does not verify), or false")
+    resume_force: bool = opt(False, "resume even when the checkpoint was written with other training data or other "
+                             "values of keys that alter the run (the differences are printed either way)")
 
 
 @dataclass
@@ -779,6 +782,41 @@ def convert(cfg: Any, cls: type, **changes: Any) -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# Keys that do not alter a run's trajectory, left out of a checkpoint's identity (engine.checkpoint.run_identity) so
+# that changing them on resume is not refused: where it logs, evaluates and saves, where it resumes from, and the
+# paths of the training data (their contents are fingerprinted instead, so a moved file is the same run).
+RESUME_NEUTRAL = ("output_dir", "resume", "resume_force", "trust_remote_code", "gradient_checkpointing", "logging.",
+                  "save.", "data.train", "data.eval", "prompts", "eval_task", "eval_prompts", "eval_every")
+
+
+def resume_identity(cfg: Any) -> dict[str, Any]:
+    """The config keys that alter the run (dotted key -> value), as a checkpoint records them. A run's length (the
+    supervised `max_steps` / `num_epochs`, ppo's `total_episodes`, online-dpo's `rounds`) is left out too, so that a
+    finished run can be extended; online-dpo's `max_steps` (steps per round) stays in."""
+    length = {"max_steps", "num_epochs"} if isinstance(cfg, SupervisedKeys) else set()
+    length |= {"total_episodes"} if isinstance(cfg, PPOConfig) else set()
+    length |= {"rounds"} if isinstance(cfg, OnlineDPOConfig) else set()
+    out: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, f"{name}.")
+            elif name not in length and not any(name == n or (n.endswith(".") and name.startswith(n))
+                                                for n in RESUME_NEUTRAL):
+                out[name] = value
+    walk(to_dict(cfg), "")
+    return out
+
+
+def training_sources(cfg: Any) -> list[str]:
+    """The data a run trains on (`data.train`, and ppo's / online-dpo's `prompts`), whose contents a checkpoint
+    fingerprints."""
+    data = getattr(cfg, "data", None)
+    return [*getattr(cfg, "prompts", []), *(getattr(data, "train", []) if data is not None else [])]
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

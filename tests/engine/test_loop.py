@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import torch
 
 from posttrain.engine import DistInfo
 from posttrain.engine.loop import BatchPlan, LoopSettings, Steps
+from posttrain.errors import RewardError
 
 
 def rank(r: int, world: int) -> DistInfo:
@@ -18,11 +20,35 @@ def rank(r: int, world: int) -> DistInfo:
 ONE = rank(0, 1)
 
 
-def test_steps_run_to_the_end_with_checkpoints_at_the_cadence_but_not_after_the_last():
+def test_steps_run_to_the_end_with_checkpoints_at_the_cadence_and_after_the_last():
+    """The last step is checkpointed too: a finished run is resumable (extended with a larger max_steps)."""
     saved: list[int] = []
     steps = Steps(LoopSettings(total_steps=5, save_every=2, progress=False), ONE, checkpoint=saved.append)
     assert list(steps) == [1, 2, 3, 4, 5]
-    assert saved == [2, 4] and steps.step == 5 and not steps.stopped
+    assert saved == [2, 4, 5] and steps.step == 5 and not steps.stopped
+    saved.clear()
+    assert list(Steps(LoopSettings(total_steps=3, progress=False), ONE, checkpoint=saved.append)) == [1, 2, 3]
+    assert saved == [3]  # save_every 0: only at the end
+
+
+def test_a_reward_error_saves_the_last_completed_step_and_propagates():
+    """A RewardError in step 4 (resumed at 1, cadence 10): checkpoint(3), the state step 4 started from; the error
+    goes on to the caller. Other errors save nothing, and neither does a failure before any step since the resume."""
+    saved: list[int] = []
+    steps = Steps(LoopSettings(total_steps=10, start_step=1, save_every=10, progress=False), ONE, checkpoint=saved.append)
+    with pytest.raises(RewardError, match="fn"), steps:
+        for step in steps:
+            if step == 4:
+                raise RewardError("fn raised")
+    assert saved == [3] and steps.step == 3
+    for error, start in ((ValueError("x"), 0), (RewardError("fn"), 2)):
+        saved.clear()
+        steps = Steps(LoopSettings(total_steps=10, start_step=start, progress=False), ONE, checkpoint=saved.append)
+        with pytest.raises(type(error)), steps:
+            for step in steps:
+                if step == 3:
+                    raise error
+        assert saved == []
 
 
 def test_a_resumed_loop_starts_after_its_start_step():

@@ -47,6 +47,11 @@ KIND_FORMATS = {
     "unpaired": ("unpaired", "preference"),
 }
 
+# Formats that are all conversations may share a file (auto-detection is per row); a file mixing conversations with
+# plain text, preference pairs or labelled texts is a mistake (an SFT run would train on prompt + chosen of the
+# pairs, say), so such a row is an error by location (or a counted skip).
+SHAPES = {f: "conversation" for f in ("messages", "prompt_completion", "alpaca", "sharegpt", "prompt")}
+
 
 @dataclass
 class ChatExample:
@@ -396,6 +401,10 @@ def normalize(row: Row | dict[str, Any], kind: str, fmt: str = "auto") -> Exampl
         if kind == "sft":
             chosen = ex.chosen if isinstance(ex, PreferenceExample) else ex.responses[0]
             return ChatExample(ex.prompt + chosen)
+        if isinstance(ex, PreferenceExample) and ex.chosen == ex.rejected:
+            # a zero margin: its loss is a constant (log 2 for DPO) with no gradient, only noise in the metrics
+            raise RowError("chosen and rejected are the same response: there is no preference to learn", "rejected",
+                           "chosen equals rejected")
         return ex
     if fmt == "text":
         return TextExample(_string(data, "text", allow_empty=False))
@@ -420,10 +429,16 @@ def load_examples(sources: list[str] | str, kind: str, *, fmt: str = "auto", ski
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"unknown data.format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
     stats, examples = DataStats(), []
+    first_format: dict[str, str] = {}  # source -> the format auto-detected from its first good row
     for row in load_rows(sources):
         stats.rows += 1
         try:
-            ex = normalize(row, kind, fmt)
+            row_fmt = detect_format(row.data, kind) if fmt == "auto" else fmt
+            ex = normalize(row, kind, row_fmt)  # a bad row's own error first, then whether it fits its file
+            first = first_format.setdefault(row.source, row_fmt)
+            if SHAPES.get(first, first) != SHAPES.get(row_fmt, row_fmt):
+                raise RowError(f"this row is `{row_fmt}` but the file's first rows are `{first}`: one kind of row per "
+                               "file (split the file, or set data.format)", None, "mixed formats")
             if labels is not None and isinstance(ex, ClassificationExample):
                 _check_label(ex.label, labels)
         except RowError as err:

@@ -7,6 +7,7 @@ Every row keeps where it came from (`Row.source`, `Row.index`) so that a bad row
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass
 import os
@@ -80,8 +81,32 @@ def _load_source(source: str) -> list[Row]:
     else:
         rows = _read_hub_dataset(source)
     if not rows:
-        raise DataError("the file has no rows", source=source)
+        raise DataError("the file has no rows (empty, or only blank lines)", source=source)
     return rows
+
+
+def fingerprint_sources(sources: list[str]) -> dict[str, str]:
+    """source -> sha256 of its contents (a folder: of its files' paths and contents, in order; a built-in task: of
+    its generated file); a hub dataset name is recorded by name and split alone, as its contents are not read
+    here. What a checkpoint's manifest records of the training data."""
+    out = {}
+    for source in sources:
+        path = task_file(source) if source.startswith("task:") else Path(source).expanduser()
+        h = hashlib.sha256()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            out[source] = hashlib.sha256(f"hub:{source}".encode()).hexdigest()
+            continue
+        for f in files:
+            h.update(f.relative_to(path).as_posix().encode() if f != path else b"")
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        out[source] = h.hexdigest()
+    return out
 
 
 def _looks_local(source: str) -> bool:
@@ -96,29 +121,42 @@ def _as_object(value: Any, source: str, index: int) -> dict[str, Any]:
     return value
 
 
+# utf-8-sig: a UTF-8 byte-order mark (as Windows editors write) is read as nothing, not as part of the first key.
+# CRLF line ends need nothing: the \r is JSON whitespace, and csv reads either.
+ENCODING = "utf-8-sig"
+_ARRAY_HINT = ("the file holds a JSON array, not one object per line (JSONL): rename it to .json, or write one "
+               "row per line")
+
+
 def _read_jsonl(path: Path, source: str) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding=ENCODING) as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
+                if not rows and line.lstrip().startswith("["):
+                    raise DataError(_ARRAY_HINT, source=source, row=lineno) from None
                 raise DataError(f"invalid JSON on line {lineno}: {exc.msg} (column {exc.colno})",
                                 source=source, row=lineno) from None
+            if isinstance(value, list) and not rows:
+                raise DataError(_ARRAY_HINT, source=source, row=lineno)
             rows.append(Row(source, lineno, _as_object(value, source, lineno)))
     return rows
 
 
 def _read_json(path: Path, source: str) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding=ENCODING)
     if not text.strip():
         return []
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON on line {exc.lineno}: {exc.msg} (column {exc.colno})", source=source) from None
+        hint = "; the file looks like JSONL (one object per line): rename it to .jsonl" if exc.msg == "Extra data" else ""
+        raise DataError(f"invalid JSON on line {exc.lineno}: {exc.msg} (column {exc.colno}){hint}",
+                        source=source, row=exc.lineno) from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
@@ -140,7 +178,7 @@ def _decode_cell(cell: str) -> Any:
 
 
 def _read_csv(path: Path, source: str) -> list[Row]:
-    with path.open(encoding="utf-8", newline="") as fh:
+    with path.open(encoding=ENCODING, newline="") as fh:
         reader = csv.DictReader(fh)
         rows = []
         for i, record in enumerate(reader, start=1):

@@ -5,19 +5,29 @@ A checkpoint folder holds
                        ``model.safetensors`` of the state dict for a plain module;
     optimizer.pt, scheduler.pt;
     rng.pt             python, numpy, torch and CUDA generator states;
-    trainer_state.json ``{"step": N, **extra}`` (epoch, data position, metrics ...), written last.
+    trainer_state.json ``{"step": N, **extra}`` (epoch, data position, metrics ...);
+    manifest.json      written last: every other file's size and sha256, the step, and the run's identity
+                       (the config keys that alter the run and the training data's hashes, each with a
+                       fingerprint), so that a resume can tell a damaged checkpoint or a different run.
 
 Atomicity: everything is written into ``checkpoints/.tmp-step-N`` and that folder is renamed to
 ``step-N`` with ``os.replace`` only once complete. A kill at any moment leaves either no
 ``step-N`` or a complete one, and older checkpoints are removed (rotation) only after the new one
-is in place. Only rank 0 writes; every rank calls :meth:`Checkpointer.save` (it ends with a
-collective, so no rank reads a checkpoint that is not finished).
+is in place, each renamed out of the ``step-*`` names before it is deleted. Only rank 0 writes; every rank
+calls :meth:`Checkpointer.save` (it ends with a collective, so no rank reads a checkpoint that is not finished).
+
+Verification. A copy, a full disk or a bad sector can still damage a complete folder afterwards:
+:func:`verify_checkpoint` checks it against its manifest, and :func:`resolve_resume` takes the newest checkpoint
+that verifies (``auto``), saying which it skipped and why, or refuses a named one that does not, naming the file.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import sys
 import random
 import re
 import shutil
@@ -34,6 +44,7 @@ from posttrain.engine.dist import broadcast_object, is_fsdp, unwrap_parallel
 from posttrain.errors import TrainingError
 
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -149,15 +160,124 @@ def _load_model(model: nn.Module, folder: Path) -> None:
         )
 
 
+# --------------------------------------------------------------------------- manifest
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(value: Any) -> str:
+    """sha256 of a JSON-able value in canonical form (sorted keys): equal values, equal fingerprints."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_identity(config: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
+    """What a manifest records of the run: `config` (dotted key -> value, the keys that alter the run) and `data`
+    (training source -> sha256 of its contents), each with its fingerprint."""
+    return {"config": config, "config_fingerprint": fingerprint(config),
+            "data": data, "data_fingerprint": fingerprint(sorted(data.values()))}
+
+
+def _write_manifest(folder: Path, step: int, identity: dict[str, Any] | None) -> None:
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {"step": step, "files": files, **(identity or {})}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise TrainingError(f"{path}: missing (a checkpoint written before manifests, or not a checkpoint)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{path}: unreadable ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise TrainingError(f"{path}: not a checkpoint manifest")
+    return manifest
+
+
+def verify_checkpoint(folder: str | Path) -> str | None:
+    """None when every file the manifest lists is there with its size and sha256; else what is wrong, naming the
+    file."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except TrainingError as e:
+        return str(e)
+    for rel, want in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != want.get("size"):
+            return f"{path}: {size} bytes, the manifest says {want.get('size')} (truncated or damaged)"
+        if file_sha256(path) != want.get("sha256"):
+            return f"{path}: contents differ from the manifest's sha256 (damaged)"
+    return None
+
+
+def identity_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The differences between a checkpoint's run identity and the current run's, one line each (empty: same run).
+    A checkpoint without an identity (written by a library call, not a command) has nothing to compare."""
+    if "config" not in saved or "config" not in current:
+        return []
+    changes = []
+    old, new = saved["config"], current["config"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            changes.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+    if saved.get("data_fingerprint") != current.get("data_fingerprint"):
+        before = ", ".join(f"{k} ({v[:12]})" for k, v in saved.get("data", {}).items())
+        after = ", ".join(f"{k} ({v[:12]})" for k, v in current.get("data", {}).items())
+        changes.append(f"training data: {before} -> {after}")
+    return changes
+
+
+def link_identical(checkpoint: str | Path, other: str | Path) -> int:
+    """Replace each file of `checkpoint` whose twin in `other` (same relative path, size and sha256) holds the same
+    bytes with a hard link to that twin: a finished run's last checkpoint and its final/ then share one copy of the
+    weights. Each swap is one `os.replace`, so the checkpoint verifies at every moment. Returns the files linked."""
+    checkpoint, other = Path(checkpoint), Path(other)
+    linked = 0
+    for rel, want in read_manifest(checkpoint)["files"].items():
+        mine, twin = checkpoint / rel, other / rel
+        if not twin.is_file() or twin.stat().st_size != want["size"] or os.path.samefile(mine, twin):
+            continue
+        if file_sha256(twin) != want["sha256"]:
+            continue
+        tmp = mine.with_name(f".link-{mine.name}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(twin, tmp)
+        except OSError:  # another filesystem, or no hard links there: keep the copy
+            continue
+        os.replace(tmp, mine)
+        linked += 1
+    return linked
+
+
 # --------------------------------------------------------------------------- checkpointer
 
 
-class Checkpointer:
-    """Saves and finds ``output_dir/checkpoints/step-N``; keeps the ``keep`` newest (``keep <= 0``: all)."""
+_DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_DISK_MESSAGES = tuple(os.strerror(code) for code in _DISK_ERRORS)
 
-    def __init__(self, output_dir: str | Path, keep: int = 2):
+
+class Checkpointer:
+    """Saves and finds ``output_dir/checkpoints/step-N``; keeps the ``keep`` newest (``keep <= 0``: all).
+    ``identity``: the run's :func:`run_identity`, recorded in every manifest (rank 0's; None elsewhere)."""
+
+    def __init__(self, output_dir: str | Path, keep: int = 2, identity: dict[str, Any] | None = None):
         self.root = Path(output_dir) / "checkpoints"
         self.keep = int(keep)
+        self.identity = identity
 
     def steps(self) -> list[tuple[int, Path]]:
         """Complete checkpoints, oldest first."""
@@ -186,6 +306,11 @@ class Checkpointer:
                 self._write(final, int(step), model, model_sd, optim_sd, scheduler, extra or {}, tokenizer)
             except Exception as e:  # reported on every rank below, so no rank waits forever
                 error = f"{type(e).__name__}: {e}"
+                # safetensors reports the OS error in its message, not as an OSError
+                if (isinstance(e, OSError) and e.errno in _DISK_ERRORS) or any(m in str(e) for m in _DISK_MESSAGES):
+                    kept = self.latest()
+                    error += (f" -- the disk (or a file-size or quota limit) is full; the last good checkpoint "
+                              f"{kept if kept is not None else '(none yet)'} is kept. Free space, then resume=auto")
         # The broadcast doubles as the barrier: no rank goes on before the folder is complete.
         error = broadcast_object(error)
         if error is not None:
@@ -195,8 +320,8 @@ class Checkpointer:
     def _write(self, final: Path, step: int, model, model_sd, optim_sd, scheduler, extra, tokenizer) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-step-{step}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for leftover in [tmp, *self.root.glob(".del-step-*")]:  # a kill's leftovers
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
         try:
             _write_model(model, tmp, model_sd)
@@ -209,6 +334,7 @@ class Checkpointer:
             torch.save(rng_state(), tmp / "rng.pt")
             text = json.dumps({"step": step, **extra}, indent=2)
             (tmp / STATE_FILE).write_text(text)
+            _write_manifest(tmp, step, self.identity)
             if final.exists():
                 # Re-saving a step (after a resume): move the old one aside, never delete it first.
                 old = self.root / f".old-step-{step}"
@@ -226,8 +352,11 @@ class Checkpointer:
     def _rotate(self) -> None:
         if self.keep <= 0:
             return
-        for _, path in self.steps()[: -self.keep]:
-            shutil.rmtree(path, ignore_errors=True)
+        for step, path in self.steps()[: -self.keep]:
+            # Out of the step-* names first: a kill during the delete leaves no half-deleted "checkpoint".
+            gone = self.root / f".del-step-{step}"
+            os.replace(path, gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
     def load(
         self,
@@ -282,20 +411,43 @@ def load_checkpoint(
     return json.loads(state_file.read_text())
 
 
-def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: ``auto`` -> latest in output_dir (or None), ``false`` -> None,
-    a path -> that checkpoint (a run folder resolves to its latest checkpoint)."""
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _newest_verified(root: Path, say) -> Path | None:
+    """The newest checkpoint under `root` that verifies; each newer one that does not is skipped with its reason."""
+    for _, path in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        say(f"resume: skipping {path}: {problem}")
+    return None
+
+
+def resolve_resume(resume: str | bool | None, output_dir: str | Path, say=_say) -> Path | None:
+    """The checkpoint to resume from: ``auto`` -> the newest in output_dir that verifies (or None), ``false`` ->
+    None, a path -> that checkpoint, which must verify (a run folder resolves to its newest that verifies).
+    ``say(line)`` reports each checkpoint skipped and why."""
     value = str(resume).strip() if resume is not None else ""
     if value.lower() in ("", "false", "no", "none", "0"):
         return None
     if value.lower() == "auto":
-        found = list_checkpoints(Path(output_dir) / "checkpoints")
-        return found[-1][1] if found else None
+        root = Path(output_dir) / "checkpoints"
+        found = _newest_verified(root, say)
+        if found is None and list_checkpoints(root):
+            say(f"resume: no checkpoint in {root} verifies; starting afresh")
+        return found
     path = Path(value)
     if (path / STATE_FILE).is_file():
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise TrainingError(f"`resume`: {path} does not verify: {problem}")
         return path
     for root in (path / "checkpoints", path):
-        found = list_checkpoints(root)
-        if found:
-            return found[-1][1]
+        if list_checkpoints(root):
+            found = _newest_verified(root, say)
+            if found is None:
+                raise TrainingError(f"`resume`: no checkpoint in {root} verifies (reasons above)")
+            return found
     raise ConfigError(f"`resume`: {path} is not a checkpoint (no {STATE_FILE}) and holds none")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +59,56 @@ def init_distributed() -> DistInfo:
             device_id = torch.device("cuda", local_rank) if cuda else None
             torch_dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device_id)
         rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
+        _PEERS[:] = all_gather_objects((socket.gethostname(), os.getpid()))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_main=rank == 0)
+
+
+# --------------------------------------------------------------------------- a rank that dies
+
+# (host, pid) of every rank, in rank order, gathered when the group forms: who to look for when a collective fails.
+_PEERS: list[tuple[str, int]] = []
+_COMM_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+                  "NCCL communicator was aborted", "Socket Timeout", "Timed out")
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie its parent has not reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def peer_failure(error: BaseException, wait: float = 2.0) -> Exception | None:
+    """When `error` is a collective failing because another rank died (its connection closed, a timeout), the error
+    to show instead, naming the lost rank(s): those on this host whose process is gone (waiting up to `wait` seconds
+    for the exit to show), or, when none is found here, a rank on another host. None for any other error."""
+    from posttrain.errors import TrainingError
+
+    dist_error = getattr(torch_dist, "DistError", ())
+    if len(_PEERS) < 2 or not (isinstance(error, dist_error) or
+                               (isinstance(error, RuntimeError) and any(s in str(error) for s in _COMM_FAILURES))):
+        return None
+    host, me = socket.gethostname(), os.getpid()
+    deadline, lost = time.monotonic() + wait, []
+    while not lost and time.monotonic() < deadline:
+        lost = [r for r, (h, pid) in enumerate(_PEERS) if h == host and pid != me and _gone(pid)]
+        if not lost:
+            time.sleep(0.1)
+    mine = next((r for r, (h, pid) in enumerate(_PEERS) if h == host and pid == me), -1)
+    who = (", ".join(f"rank {r} (pid {_PEERS[r][1]})" for r in lost) + " exited" if lost
+           else "a rank on another host stopped answering")
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return TrainingError(f"rank {mine}: lost {who}; the run cannot go on without it ({first}). Restart the job "
+                         "with resume=auto: it continues from the last checkpoint")
 
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:

@@ -6,9 +6,13 @@ at a cadence. A recipe builds :class:`LoopSettings` from its own config, with ev
 (length, where a resumed run starts, cadences), and writes the step itself as the body of a ``for``:
 
     steps = Steps(LoopSettings(total_steps=n, start_step=resumed, save_every=100), dist, checkpoint=save)
-    for step in steps:          # step = 1-based number of the step being taken
-        ...                     # one step, read as one process
-    if steps.stopped: ...       # a signal ended the run; `checkpoint(step)` has been called
+    with steps:                     # a RewardError in a step saves the last completed step first
+        for step in steps:          # step = 1-based number of the step being taken
+            ...                     # one step, read as one process
+    if steps.stopped: ...           # a signal ended the run; `checkpoint(step)` has been called
+
+The last step is always checkpointed too (when there is a `checkpoint`): a finished run is a resumable one, so
+``max_steps=15 resume=auto`` extends a run that ended at step 10 from step 10.
 
 The engine reads no config: what it needs comes in through these arguments.
 
@@ -40,6 +44,7 @@ from posttrain.engine.logging import Progress
 from posttrain.engine.run import autocast
 from posttrain.engine.signals import StopSignal
 from posttrain.engine.step import train_step
+from posttrain.errors import RewardError
 
 LogFn = Callable[..., dict]  # log(metrics, step=, epoch=) -> the written record (MetricsLogger.log)
 
@@ -62,8 +67,14 @@ class Steps:
     """``for step in Steps(settings, dist, checkpoint)``: the loop of the module doc.
 
     After each body: the progress bar moves, the stop flag is combined over ranks, and ``checkpoint(step)`` runs
-    every ``save_every`` steps (not after the last one: the recipe saves ``final/``) and on a stop signal, after
-    which the iteration ends with ``stopped`` set."""
+    every ``save_every`` steps, after the last step (the run's resumable end state, beside the recipe's ``final/``)
+    and on a stop signal, after which the iteration ends with ``stopped`` set.
+
+    Used as a context manager around the ``for``, a :class:`~posttrain.errors.RewardError` raised by a step's body
+    (a reward function that raised, returned NaN or the wrong length, or timed out) first saves ``checkpoint`` of
+    the last completed step, the state the failed step started from, so the run resumes there once the function is
+    fixed. With several processes the other ranks are not in step with the failed one (a checkpoint is a
+    collective), so there the resume point is the last regular checkpoint."""
 
     def __init__(self, settings: LoopSettings, dist: DistInfo, checkpoint: Callable[[int], None] | None = None):
         self.settings, self.dist, self.checkpoint = settings, dist, checkpoint
@@ -85,6 +96,18 @@ class Steps:
         """True every `every` steps (never when 0) and at the last step."""
         return (every > 0 and step % every == 0) or step == self.settings.total_steps
 
+    def __enter__(self) -> Steps:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        s = self.settings
+        if (kind is None or not issubclass(kind, RewardError) or self.checkpoint is None or self.dist.distributed
+                or self.step == s.start_step):  # nothing done since the resume point: it is the checkpoint
+            return
+        self.checkpoint(self.step)
+        self.write(f"reward error in {s.unit} {self.step + 1}: saved checkpoint at {s.unit} {self.step}; "
+                   "fix the reward, then resume with resume=auto")
+
     def __iter__(self) -> Iterator[int]:
         s = self.settings
         with StopSignal() as stop, self.progress:
@@ -93,7 +116,7 @@ class Steps:
                 self.step += 1
                 self.progress.update(1, **self._postfix)
                 stopping = stop.should_stop(self.dist)
-                cadence = s.save_every > 0 and self.step % s.save_every == 0 and self.step < s.total_steps
+                cadence = (s.save_every > 0 and self.step % s.save_every == 0) or self.step == s.total_steps
                 if self.checkpoint is not None and (cadence or stopping):
                     self.checkpoint(self.step)
                 if stopping:

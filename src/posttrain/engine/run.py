@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.config import ConfigError, save_config, to_dict
-from posttrain.engine.checkpoint import Checkpointer
+from posttrain.config import ConfigError, resume_identity, save_config, to_dict, training_sources
+from posttrain.engine.checkpoint import Checkpointer, run_identity
 from posttrain.engine.dist import DistInfo, barrier, destroy, init_distributed
 from posttrain.engine.logging import MetricsLogger
 from posttrain.models.load import resolve_dtype
@@ -82,12 +82,17 @@ def setup_run(cfg: Any, command: str) -> RunContext:
     report_to = list(getattr(logging_cfg, "report_to", ["jsonl"]))
     logger = MetricsLogger(output_dir, report_to, dist.is_main, run_name=f"{command}:{output_dir.name}", config=to_dict(cfg))
     keep = int(getattr(getattr(cfg, "save", None), "keep", 2))
+    identity = None
+    if dist.is_main:  # the only writer of manifests and the one that checks them on resume
+        from posttrain.data.io import fingerprint_sources
+
+        identity = run_identity(resume_identity(cfg), fingerprint_sources(training_sources(cfg)))
     return RunContext(
         cfg=cfg,
         command=command,
         dist=dist,
         output_dir=output_dir,
         logger=logger,
-        checkpointer=Checkpointer(output_dir, keep),
+        checkpointer=Checkpointer(output_dir, keep, identity),
         device=dist.device,
     )

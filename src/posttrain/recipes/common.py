@@ -14,11 +14,14 @@ from typing import Any
 
 from torch import nn
 
+from posttrain.config import ConfigError
 from posttrain.data import DataStats, label_maps, load_examples, tokenize_examples, train_eval_split
 from posttrain.engine import (RunContext, autocast_dtype, build_optimizer, build_scheduler, full_model_state, grad_scaler,
                               resolve_resume, steps_per_epoch, total_steps_for, unwrap_parallel, wrap_model)
 from posttrain.engine.loop import BatchPlan, FitResult, LoopSettings, fit
-from posttrain.errors import DataError
+from posttrain.engine.checkpoint import identity_changes, link_identical, read_manifest
+from posttrain.engine.dist import broadcast_object
+from posttrain.errors import DataError, PosttrainError, TrainingError
 from posttrain.models import apply_freeze, apply_lora, count_parameters, resolve_dtype, save_pretrained_atomic
 
 
@@ -74,11 +77,33 @@ def prepare_trainable(cfg: Any, run: RunContext, model: nn.Module, *, task_type:
     return model, optimizer, scheduler, n_steps
 
 
+def check_resume(run: RunContext, cfg: Any) -> Path | Exception | None:
+    """Rank 0: the checkpoint `resume` names that verifies (`engine.resolve_resume`), refused when it was written by
+    a run with other training data or other values of keys that alter the run, unless `resume_force`; the error
+    is returned (every rank raises it)."""
+    try:
+        path = resolve_resume(cfg.resume, run.output_dir)
+        if path is None:
+            return None
+        changes = identity_changes(read_manifest(path), run.checkpointer.identity or {})
+    except (PosttrainError, ConfigError) as e:
+        return e
+    if changes and not cfg.resume_force:
+        return TrainingError(f"`resume`: {path} was written by a different run:\n  " + "\n  ".join(changes) +
+                             "\nset resume_force=true to resume anyway, or resume=false (or another output_dir) to "
+                             "start afresh")
+    if changes:
+        print(f"resume_force: resuming {path} despite:\n  " + "\n  ".join(changes), flush=True)
+    return path
+
+
 def resume_step(run: RunContext, cfg: Any, state: nn.Module, optimizer=None, scheduler=None, *,
                 unit: str = "step") -> tuple[int, dict]:
     """`resume`: (steps already taken, the checkpoint's saved extras), loading `state` (and the optimizer and
     schedule) from the checkpoint `resume` names; (0, {}) for a fresh run."""
-    resume_from = resolve_resume(cfg.resume, run.output_dir)
+    resume_from = broadcast_object(check_resume(run, cfg) if run.dist.is_main else None)
+    if isinstance(resume_from, Exception):
+        raise resume_from
     if resume_from is None:
         return 0, {}
     saved = run.checkpointer.load(resume_from, model=unwrap_parallel(state), optimizer=optimizer, scheduler=scheduler)
@@ -125,4 +150,7 @@ def save_final(run: RunContext, cfg: Any, model: nn.Module, tok: Any, *, extra: 
     if run.dist.is_main:
         out = save_pretrained_atomic(unwrap_parallel(model), tok, run.output_dir / "final", merge_lora=cfg.save.merge_lora,
                                      state_dict=state, extra=extra, dtype=resolve_dtype(cfg.dtype, run.device))
+        last = run.checkpointer.latest()  # the last step's checkpoint: what extends the run (`resume=auto`)
+        if last is not None:
+            link_identical(last, out)  # one copy on disk of the weights both hold
         print(f"saved {out}{note}", flush=True)

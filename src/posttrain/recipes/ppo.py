@@ -401,24 +401,25 @@ def main(cfg: PPOConfig) -> dict:
     iterations = Steps(loop, run.dist, checkpoint)
     share = RolloutShare(cfg.rollout.batch_size // cfg.rollout.samples_per_prompt, cfg.rollout.samples_per_prompt,
                          run.dist)  # the same share of every iteration's prompts (`check_world`: equal shares)
-    for iteration in iterations:  # 1-based; the rollout of iteration i draws from (seed, i - 1)
-        # one generator per iteration for sampling and minibatch order: a resumed run draws the same
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration - 1)
-        t0 = time.perf_counter()
-        batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration - 1, generator,
-                                                          task, share)
-        batch = batch.to(device)
-        exp, exp_stats = make_experience(cfg, models, batch, scores.to(device), kl_ctl.value, amp, share,
-                                         sampled_logp=batch.logprobs if amp is None else None)
-        t1 = time.perf_counter()
-        train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator, share,
-                                 scaler)
-        kl_ctl.update(exp_stats.get("objective/kl", 0.0), cfg.rollout.batch_size)
-        metrics = {**stats, **exp_stats, **train_stats, "rollout/seconds": t1 - t0,
-                   "train/seconds": time.perf_counter() - t1, "episodes": iteration * cfg.rollout.batch_size}
-        if task is not None and iterations.due(cfg.eval_every, iteration):
-            metrics.update(evaluate(cfg, sampler, tok, task, held_out, iteration, run.dist))
-        record = log_iteration(run, cfg, iterations, iteration, metrics, samples)
+    with iterations:  # a RewardError saves the last completed iteration first
+        for iteration in iterations:  # 1-based; the rollout of iteration i draws from (seed, i - 1)
+            # one generator per iteration for sampling and minibatch order: a resumed run draws the same
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration - 1)
+            t0 = time.perf_counter()
+            batch, scores, samples, stats = rollout_and_score(cfg, sampler, reward, tok, prompts, iteration - 1, generator,
+                                                              task, share)
+            batch = batch.to(device)
+            exp, exp_stats = make_experience(cfg, models, batch, scores.to(device), kl_ctl.value, amp, share,
+                                             sampled_logp=batch.logprobs if amp is None else None)
+            t1 = time.perf_counter()
+            train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator, share,
+                                     scaler)
+            kl_ctl.update(exp_stats.get("objective/kl", 0.0), cfg.rollout.batch_size)
+            metrics = {**stats, **exp_stats, **train_stats, "rollout/seconds": t1 - t0,
+                       "train/seconds": time.perf_counter() - t1, "episodes": iteration * cfg.rollout.batch_size}
+            if task is not None and iterations.due(cfg.eval_every, iteration):
+                metrics.update(evaluate(cfg, sampler, tok, task, held_out, iteration, run.dist))
+            record = log_iteration(run, cfg, iterations, iteration, metrics, samples)
     if iterations.stopped:
         run.close()
         return {"iteration": iterations.step, "stopped": True, **record}
