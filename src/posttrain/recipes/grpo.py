@@ -375,21 +375,22 @@ def main(cfg: GRPOConfig) -> dict:
                         save_every=cfg.save.steps, progress=cfg.logging.progress, desc="grpo", unit="generation")
     iterations, watch = Steps(loop, run.dist, checkpoint), StallWatch()
     share = RolloutShare(cfg.rollout.batch_size // cfg.num_generations, cfg.num_generations, run.dist)
-    for step in iterations:  # 1-based; generation i draws from (seed, i - 1)
-        # one generator per generation for sampling and minibatch order: a resumed run draws the same
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step - 1)
-        t0 = time.perf_counter()
-        gen, prompts_used = sample_generation(cfg, sampler, reward, tok, prompts, prompts_used, generator, share)
-        gen.batch = gen.batch.to(device)
-        exp, exp_stats = make_experience(cfg, policy, ref, gen, amp, share)
-        t1 = time.perf_counter()
-        train_stats = grpo_update(cfg, run, model, exp, optimizer, scheduler, generator, share, scaler)
-        metrics = {**sampled_stats(gen.sampled, share), **train_stats, **exp_stats, "rollout/seconds": t1 - t0,
-                   "train/seconds": time.perf_counter() - t1, "episodes": step * cfg.rollout.batch_size,
-                   "prompts_used": prompts_used}
-        if task is not None and iterations.due(cfg.eval_every, step):
-            metrics.update(gold_metrics(cfg, sampler, tok, task, held_out, step, run.dist))
-        record = log_generation(run, iterations, step, metrics, gen, watch)
+    with iterations:  # a RewardError saves the last completed generation first
+        for step in iterations:  # 1-based; generation i draws from (seed, i - 1)
+            # one generator per generation for sampling and minibatch order: a resumed run draws the same
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step - 1)
+            t0 = time.perf_counter()
+            gen, prompts_used = sample_generation(cfg, sampler, reward, tok, prompts, prompts_used, generator, share)
+            gen.batch = gen.batch.to(device)
+            exp, exp_stats = make_experience(cfg, policy, ref, gen, amp, share)
+            t1 = time.perf_counter()
+            train_stats = grpo_update(cfg, run, model, exp, optimizer, scheduler, generator, share, scaler)
+            metrics = {**sampled_stats(gen.sampled, share), **train_stats, **exp_stats, "rollout/seconds": t1 - t0,
+                       "train/seconds": time.perf_counter() - t1, "episodes": step * cfg.rollout.batch_size,
+                       "prompts_used": prompts_used}
+            if task is not None and iterations.due(cfg.eval_every, step):
+                metrics.update(gold_metrics(cfg, sampler, tok, task, held_out, step, run.dist))
+            record = log_generation(run, iterations, step, metrics, gen, watch)
     if not iterations.stopped:
         save_final(run, cfg, policy, tok)
     run.close()
