@@ -18,9 +18,9 @@ import re
 import threading
 from typing import Any, Sequence
 
-# one \boxed{...} with no nested braces inside, then only closing punctuation
+# a final \\boxed{...} (braces nested one deep inside, as in \\frac{5}{6}), then only closing punctuation
 _BOXED = re.compile(r"\\boxed\{")
-_FINAL_BOXED = re.compile(r"\\boxed\{([^{}]+)\}\s*\$?\s*\.?\s*$")
+_FINAL_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})+)\}\s*\$?\s*\.?\s*$")
 
 
 def _math_verify_timeouts() -> dict[str, Any]:
