@@ -18,7 +18,7 @@ import re
 import threading
 from typing import Any, Sequence
 
-# a final \\boxed{...} (braces nested one deep inside, as in \\frac{5}{6}), then only closing punctuation
+# a final \boxed{...} (braces nested one deep inside, as in \frac{5}{6}), then only closing punctuation
 _BOXED = re.compile(r"\\boxed\{")
 _FINAL_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})+)\}\s*\$?\s*\.?\s*$")
 
