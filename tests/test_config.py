@@ -193,7 +193,7 @@ def test_an_enum_typo_names_the_key_the_value_and_the_closest_value():
     ("ppo", "kl_estimator", "k33", "k3"),
     ("ppo", "advantage_estimator", "rlooo", "rloo"),
     ("ppo", "critic_init", "polcy", "policy"),
-    ("ppo", "reward.task", "arith", "arithmetic"),
+    ("ppo", "reward.task", "arithmetc", "arithmetic"),
     ("eval", "rollout.backend", "vlm", "vllm"),
     ("generate", "rollout.backend", "hff", "hf"),
     ("tiny-model", "size", "smal", "small"),

@@ -64,8 +64,8 @@ ScaleRewards = Literal["group", "batch", "none"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
 CriticInit = Literal["auto", "reward", "policy"]
 Backend = Literal["hf", "vllm"]
-TaskName = Literal["arithmetic", "sentiment", "dialogue"]
-OptionalTask = Literal["", "arithmetic", "sentiment", "dialogue"]  # "" = none
+TaskName = Literal["arithmetic", "sentiment", "dialogue", "math"]
+OptionalTask = Literal["", "arithmetic", "sentiment", "dialogue", "math"]  # "" = none
 DemoTask = Literal["arithmetic", "sentiment"]
 TinySize = Literal["tiny", "small", "base"]
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
@@ -161,6 +161,13 @@ class SamplingConfig:
     top_p: float = opt(1.0, "nucleus sampling (1.0 = off)")
     generation_batch_size: int = opt(0, "sequences per generation call (0 = the whole rollout batch)")
 
+    def __post_init__(self) -> None:
+        # a top_p of 0 would keep no token, a negative top_k none either; refused here, once, by name
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"`rollout.top_p` must be in (0, 1] (1.0 = off), got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"`rollout.top_k` must be >= 0 (0 = off), got {self.top_k}")
+
 
 @dataclass
 class RolloutConfig(SamplingConfig):
@@ -192,9 +199,15 @@ class GenerateSamplingConfig(SamplingConfig):
 @dataclass
 class RewardConfig:
     model: str = opt("", "folder of a trained reward model (scalar head)")
-    function: str = opt("", "path/to/file.py:fn taking (prompts, completions) and returning floats")
-    task: OptionalTask = opt("", "built-in verifier: arithmetic, sentiment, dialogue")
-    weights: list[float] = opt([], "weights when several sources are given (model, function, task order)")
+    function: list[str] = opt([], "reward function(s), `path/to/file.py:fn` or `package.module:fn`, called as TRL calls "
+                                  "one: fn(prompts, completions, **kwargs) -> one float per completion, the kwargs being "
+                                  "the prompt row's other columns (e.g. answer), completion_ids and step; built-in: "
+                                  "posttrain.rewards.verifiers:math_accuracy, posttrain.rewards.verifiers:boxed_format")
+    task: OptionalTask = opt("", "built-in verifier: arithmetic, sentiment, dialogue, math")
+    weights: list[float] = opt([], "weights when several sources are given (model, each function, task order); each "
+                                   "source is also logged on its own as rewards/NAME/mean and rewards/NAME/std")
+    timeout: float = opt(600.0, "seconds a reward function may take on one batch before the run stops with an error "
+                                "naming the function and the row it hangs on (0 = no limit)")
     clip: float = opt(0.0, "clip scores to [-clip, clip] (0 = off)")
     batch_size: int = opt(32, "sequences per reward-model forward pass")
     label: str = opt("", "with a classifier as the reward model: the label whose logit is the reward (e.g. positive)")
@@ -399,6 +412,11 @@ class OnlineDPOConfig(DPOKeys, OptimKeys, RunKeys, ModelLoadKeys):
     samples_per_prompt: int = opt(4, "completions per prompt; pairs are best vs worst, ties dropped")
     epochs_per_round: int = opt(1, "DPO epochs over each round's pairs")
     reset_ref_each_round: bool = opt(True, "the trained policy becomes the next round's reference (DPO-Iter)")
+    missing_eos_penalty: float = opt(-1.0, "added to the score of a sample that hit rollout.max_new_tokens without EOS, "
+                                           "so a truncated sample is not ranked as if it had finished (as ppo): 0 = off, "
+                                           "negative penalises. TRL's key of this name is positive and SUBTRACTED; here "
+                                           "it is ADDED, so a positive value (a config ported from TRL) would reward "
+                                           "truncation and is refused")
     eval_task: OptionalTask = opt("", "built-in task whose verifier scores held-out prompts after each round")
     eval_prompts: int = opt(64, "held-out prompts scored per round when eval_task is set")
     data: PromptDataConfig = sub(PromptDataConfig, "prompt sources and format")
@@ -431,13 +449,20 @@ class PPOConfig(OptimKeys, RunKeys, ModelLoadKeys):
     gamma: float = opt(1.0, "discount")
     lam: float = opt(0.95, "GAE lambda")
     kl_coef: float = opt(0.05, "KL penalty weight; 0 = no penalty and no reference model (none loaded, none run)")
-    kl_estimator: KLEstimator = opt("k1", "k1, k2 or k3 (Schulman's estimators)")
+    kl_estimator: KLEstimator = opt("k1", "k1, k2 or k3 (Schulman's estimators): the per-token KL put in the reward "
+                                    "(gae, rloo, reinforce_pp) and logged as objective/kl. In the reward only k1 gives "
+                                    "an unbiased policy gradient of KL(pi||pi_ref): the reward's gradient misses k2's "
+                                    "and k3's own dependence on pi, which k1's gradient has zero mean, so k2 / k3 there "
+                                    "bias the update (a warning says so; grpo's loss uses k3 as a loss, which is fine)")
     adaptive_kl_target: float = opt(0.0, "target KL for the adaptive controller (0 = fixed kl_coef)")
     adaptive_kl_horizon: int = opt(10000, "horizon (episodes) of the adaptive KL controller (Ziegler et al. 2019)")
     whiten_advantages: bool = opt(True, "normalise advantages over the batch's valid tokens")
     whiten_rewards: bool = opt(False, "normalise scores over the batch")
     ref_ema: float = opt(0.0, "0 = frozen reference; else the EMA weight given to the policy each step")
-    missing_eos_penalty: float = opt(-1.0, "added to the score of a response with no EOS (0 = off)")
+    missing_eos_penalty: float = opt(-1.0, "added to the score of a response that hit rollout.max_new_tokens without "
+                                           "EOS, so the model learns to stop: 0 = off, negative penalises. TRL's key of "
+                                           "this name is positive and SUBTRACTED; here it is ADDED, so a positive value "
+                                           "(a config ported from TRL) would reward truncation and is refused")
     advantage_estimator: AdvantageEstimator = opt("gae", "gae (critic), grpo, rloo, reinforce_pp")
     loss_agg_mode: GRPOLossType = opt("dapo", "how per-token losses make the minibatch's loss (grpo's loss_type names): "
                                       "dapo (token mean over the minibatch), grpo (mean over sequences of token means), "
@@ -569,7 +594,7 @@ class TinyModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: TaskName = opt("arithmetic", "arithmetic, sentiment or dialogue")
+    name: TaskName = opt("arithmetic", "arithmetic, sentiment, dialogue or math")
     output_dir: str = opt("data/task", "where the jsonl files go")
     seed: int = opt(0, "generator seed")
     n_train: int = opt(4000, "training rows (sft, prefs, prompts, classify)")

@@ -36,7 +36,7 @@ def test_combined_weights_by_hand(files):
     combined = CombinedReward([(length, 0.5), (minus, 3.0)])
     assert combined(["p", "q"], ["ab", "abcde"]).tolist() == [-2.0, -0.5]
     parts = combined.parts(["p", "q"], ["ab", "abcde"])
-    assert parts[length.name].tolist() == [2.0, 5.0] and parts[minus.name].tolist() == [-1.0, -1.0]
+    assert parts["length"].tolist() == [2.0, 5.0] and parts["minus_one"].tolist() == [-1.0, -1.0]
     assert combined.name == f"0.5*{length.name} + 3*{minus.name}"
 
 

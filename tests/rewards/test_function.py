@@ -73,11 +73,11 @@ def test_booleans_count_as_zero_one(funcs):
 
 
 def test_raising_function_names_file_fn_and_item(funcs):
-    """Item 1 ("bad") divides by zero; calling one item at a time finds it."""
+    """Row 1 ("bad") divides by zero; calling one row at a time finds it, named with its prompt and completion."""
     with pytest.raises(RewardError) as e:
         FunctionReward(f"{funcs}:raises_on_bad")(PROMPTS, COMPLETIONS)
     msg = str(e.value)
-    assert f"{funcs}:raises_on_bad" in msg and "ZeroDivisionError" in msg and "item 1" in msg and "'bad'" in msg
+    assert f"{funcs}:raises_on_bad" in msg and "ZeroDivisionError" in msg and "row 1 (prompt 'abcd', completion 'bad')" in msg
 
 
 def test_raising_only_on_batches_says_so(funcs):
@@ -94,14 +94,14 @@ def test_nan_names_item_and_value(funcs):
     with pytest.raises(RewardError) as e:
         FunctionReward(f"{funcs}:nan_second")(PROMPTS, COMPLETIONS)
     msg = str(e.value)
-    assert f"{funcs}:nan_second" in msg and "non-finite value at item 1: nan" in msg and "'bad'" in msg
+    assert f"{funcs}:nan_second" in msg and "non-finite value nan at row 1 (prompt 'abcd', completion 'bad')" in msg
 
 
 def test_non_number_names_item_and_value(funcs):
     with pytest.raises(RewardError) as e:
         FunctionReward(f"{funcs}:string_third")(PROMPTS, COMPLETIONS)
     msg = str(e.value)
-    assert f"{funcs}:string_third" in msg and "non-number at item 2: 'high' (str)" in msg and "'three!'" in msg
+    assert f"{funcs}:string_third" in msg and "non-number 'high' (str) at row 2 (prompt 'q', completion 'three!')" in msg
 
 
 def test_not_a_list(funcs):

@@ -43,7 +43,7 @@ from posttrain.errors import DataError
 from posttrain.eval.metrics import accuracy, macro_f1, mean_pass_at_k, perplexity, sequence_kl
 from posttrain.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer, token_logprobs
 from posttrain.models.load import load_model_config
-from posttrain.rewards import build_reward, prompt_text
+from posttrain.rewards import build_reward, prompt_text, row_columns
 from posttrain.rollout import RolloutBatch, build_backend
 
 
@@ -64,18 +64,26 @@ class Generations:
     prompt_ids: list[list[int]]
     greedy: RolloutBatch | None  # (P rows)
     sampled: RolloutBatch  # (P * num_samples rows), prompt-major
+    columns: list[dict] | None = None  # each prompt row's other columns (`answer`, ...), for the task's verifier
 
 
-def held_out_prompts(cfg: EvalConfig) -> list[list[dict]]:
-    """The first ``num_prompts`` prompts of ``prompts`` (or the task's eval.jsonl), as message lists."""
+def held_out_rows(cfg: EvalConfig) -> tuple[list[list[dict]], list[dict]]:
+    """The first ``num_prompts`` prompts of ``prompts`` (or the task's eval.jsonl), as message lists, and each row's
+    other columns."""
     sources = list(cfg.prompts) or [str(task_file(f"task:{cfg.task}/eval.jsonl"))]
     examples, _ = load_examples(sources, "prompt")
     if cfg.num_prompts > 0:
         examples = examples[: cfg.num_prompts]
-    return [ex.prompt for ex in examples]
+    return [ex.prompt for ex in examples], [dict(ex.meta) for ex in examples]
 
 
-def generate(cfg: EvalConfig, model, tok, conversations: list[list[dict]]) -> Generations:
+def held_out_prompts(cfg: EvalConfig) -> list[list[dict]]:
+    """The message lists of ``held_out_rows``."""
+    return held_out_rows(cfg)[0]
+
+
+def generate(cfg: EvalConfig, model, tok, conversations: list[list[dict]],
+             columns: list[dict] | None = None) -> Generations:
     rollout = copy.deepcopy(cfg.rollout)
     if rollout.generation_batch_size <= 0:
         rollout.generation_batch_size = cfg.batch_size
@@ -84,7 +92,7 @@ def generate(cfg: EvalConfig, model, tok, conversations: list[list[dict]]) -> Ge
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     greedy = sampler.generate(ids, greedy=True) if cfg.greedy else None
     sampled = sampler.generate(ids, num_samples=cfg.num_samples, generator=generator)
-    return Generations(conversations, ids, greedy, sampled)
+    return Generations(conversations, ids, greedy, sampled, columns)
 
 
 def response_logprobs(model, batch: RolloutBatch, *, temperature: float, batch_size: int) -> torch.Tensor:
@@ -106,6 +114,8 @@ def generation_metrics(cfg: EvalConfig, model, tok, gens: Generations, device) -
     k = cfg.num_samples
     sampled_texts = gens.sampled.texts(tok)
     convs_per_sample = [gens.conversations[i] for i in gens.sampled.prompt_index.tolist()]
+    rows = gens.columns or [{} for _ in gens.conversations]
+    columns_per_sample = row_columns([rows[i] for i in gens.sampled.prompt_index.tolist()])
     lengths = gens.sampled.response_lengths().float()
     metrics: dict = {}
     records = [{"prompt": prompt_text(c), "samples": sampled_texts[i * k:(i + 1) * k]}
@@ -116,7 +126,7 @@ def generation_metrics(cfg: EvalConfig, model, tok, gens: Generations, device) -
 
         task = get_task(cfg.task)
         questions = [prompt_text(c) for c in convs_per_sample]
-        scores = task.verify_batch(questions, sampled_texts)
+        scores = task.verify_batch(questions, sampled_texts, columns_per_sample)
         correct = [[s >= 1.0 for s in scores[i * k:(i + 1) * k]] for i in range(len(gens.conversations))]
         pass_at = {f"pass@{j}": mean_pass_at_k(correct, j) for j in range(1, k + 1)}
         sampled_score = sum(scores) / len(scores)
@@ -124,7 +134,7 @@ def generation_metrics(cfg: EvalConfig, model, tok, gens: Generations, device) -
             rec["sample_scores"] = scores[i * k:(i + 1) * k]
         if gens.greedy is not None:
             greedy_texts = gens.greedy.texts(tok)
-            g_scores = task.verify_batch([prompt_text(c) for c in gens.conversations], greedy_texts)
+            g_scores = task.verify_batch([prompt_text(c) for c in gens.conversations], greedy_texts, row_columns(rows))
             metrics["gold_accuracy"] = sum(s >= 1.0 for s in g_scores) / len(g_scores)
             metrics["gold_score"] = sum(g_scores) / len(g_scores)
             for rec, text, score in zip(records, greedy_texts, g_scores):
@@ -137,7 +147,7 @@ def generation_metrics(cfg: EvalConfig, model, tok, gens: Generations, device) -
     if cfg.reward.model or cfg.reward.function or cfg.reward.task:
         source = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
                               attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
-        metrics["reward"] = float(source(convs_per_sample, sampled_texts).mean())
+        metrics["reward"] = float(source(convs_per_sample, sampled_texts, columns=columns_per_sample).mean())
 
     if cfg.ref_model:
         ref = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, device=device, tokenizer=tok,
@@ -229,7 +239,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code).eval()
         metrics = {}
         if cfg.task or cfg.prompts:
-            gens = generate(cfg, model, tok, held_out_prompts(cfg))
+            gens = generate(cfg, model, tok, *held_out_rows(cfg))
             metrics, records = generation_metrics(cfg, model, tok, gens, device)
         if cfg.data:
             metrics["perplexity"] = data_perplexity(cfg, model, tok, device)

@@ -4,7 +4,9 @@ For round r = 1..`rounds`:
   1. take `prompts_per_round` prompts (`prompts`, else `data.train`; the first `data.max_rows` when set; every prompt
      once before any repeats, in a seeded order, or in file order with `data.shuffle: false`);
   2. sample `samples_per_prompt` completions of each from the current policy (`rollout.Sampler`, `rollout.*`);
-  3. score them with `reward.*` (reward model, Python function or built-in verifier);
+  3. score them with `reward.*` (reward model, Python function or built-in verifier; a function sees each prompt
+     row's other columns, the completion ids and the round), plus `missing_eos_penalty` for a sample that hit
+     `rollout.max_new_tokens` without EOS (as ppo: a truncated sample is not scored as if it had finished);
   4. pair the best with the worst completion of each prompt; a prompt whose samples all score the same
      gives no pair (a tie carries no preference);
   5. train offline DPO on the round's pairs for `epochs_per_round` epochs (or `max_steps` steps), with the
@@ -25,14 +27,15 @@ Departures from the textbook / choices:
   pairs; the pairs are then gathered in prompt order, so every rank holds the one-process pair list and the DPO
   loop splits it over ranks as usual. The round's stats are over all ranks' samples; the held-out eval is split too.
 - Pairs use the sampled token ids as they are (no decode / re-encode round trip); a response that hit
-  `rollout.max_new_tokens` without EOS is used as it is.
+  `rollout.max_new_tokens` without EOS keeps its tokens, with `missing_eos_penalty` in its score.
 - Held-out gold reward (`eval_gold_reward`, with `eval_task`): GREEDY decoding on the first `eval_prompts`
   prompts of the task's eval file (`data.eval`, else `eval.jsonl` beside the first prompt file), scored with
   `tasks.get_task(eval_task).verify_batch`; for the arithmetic task this is the accuracy. Before round 1
   (round 0: the starting model) and after every round.
 
-Logged per round (step = optimizer steps so far): `round`, `reward/mean` (all samples), `reward/max` (mean over
-prompts of the best sample's reward), `pairs` (kept), `rollout/eos_rate`, `rollout/response_length`,
+Logged per round (step = optimizer steps so far): `round`, `reward/mean` (all samples, penalty included),
+`reward/max` (mean over prompts of the best sample's reward), `rewards/NAME/mean` and `rewards/NAME/std` (each
+reward source's own scores), `pairs` (kept), `rollout/eos_rate`, `rollout/response_length`,
 `eval_gold_reward`, and the DPO metrics of the round's last optimizer step (`loss`, `rewards/*`, `logps/*`,
 `grad_norm`, `learning_rate`); every DPO step is also logged with its `round`.
 Checkpoints: `checkpoints/step-N` at the end of each round; `resume: auto` continues at the next round (a round
@@ -57,8 +60,9 @@ from posttrain.models import apply_freeze, apply_lora, count_parameters, disable
 from posttrain.recipes.common import resume_step, save_final
 from posttrain.recipes.dpo import (adapter_free_reference, cache_reference, check_config, collate_dpo, dpo_objective,
                                    frozen_reference, sequence_tokens)
-from posttrain.recipes.prompts import Prompts, gold_accuracy, load_gold_task, load_prompts, prompt_sources
-from posttrain.rewards import build_reward
+from posttrain.recipes.prompts import (Prompts, apply_missing_eos_penalty, check_missing_eos_penalty, gold_accuracy,
+                                      load_gold_task, load_prompts, prompt_sources, reward_context, reward_part_stats)
+from posttrain.rewards import build_reward, reward_names, score_parts
 from posttrain.rollout.sampler import Sampler
 
 # --------------------------------------------------------------------------- prompts
@@ -73,27 +77,31 @@ def round_prompts(prompts: Sequence, cfg: OnlineDPOConfig, r: int) -> list:
 # --------------------------------------------------------------------------- sample, score, pair
 
 
-def sample_pairs(sampler: Sampler, tok, reward, prompts: Prompts, k: int, generator, share: RolloutShare
-                 ) -> tuple[list[dict], dict]:
+def sample_pairs(sampler: Sampler, tok, reward, prompts: Prompts, k: int, generator, share: RolloutShare, *,
+                 missing_eos_penalty: float = 0.0, step: int = 0) -> tuple[list[dict], dict]:
     """Best-vs-worst preference items (token ids) from k scored samples of each of this rank's `share` of `prompts`,
-    and the round's sample stats over the whole round."""
+    and the round's sample stats over the whole round. A sample without EOS gets `missing_eos_penalty` added to its
+    score; `step` is what a reward function receives as `step`."""
     mine = prompts.select(share.take(list(range(len(prompts)))))
     totals = [0.0] * 7  # sum score, samples, sum of best scores, prompts, eos, tokens, pairs
-    pairs = []
+    pairs, parts = [], {}
     if len(mine):
-        pairs, totals = _sample_share(sampler, tok, reward, mine, k, generator, share)
+        pairs, totals, parts = _sample_share(sampler, tok, reward, mine, k, generator, share, missing_eos_penalty, step)
     s, n, best, p, eos, tokens, n_pairs = share.sum(totals)
     stats = {"reward/mean": s / n, "reward/max": best / p, "pairs": int(n_pairs), "rollout/eos_rate": eos / n,
-             "rollout/response_length": tokens / n}
+             "rollout/response_length": tokens / n, **reward_part_stats(parts, reward_names(reward), share)}
     return pairs, stats
 
 
-def _sample_share(sampler, tok, reward, prompts: Prompts, k: int, generator, share: RolloutShare):
-    """(pairs, totals) of `sample_pairs` for this rank's prompts."""
+def _sample_share(sampler, tok, reward, prompts: Prompts, k: int, generator, share: RolloutShare, penalty: float,
+                  step: int):
+    """(pairs, totals, each reward's own scores) of `sample_pairs` for this rank's prompts."""
     rollout = sampler.generate(prompts.ids, num_samples=k, generator=generator, row_offset=share.row_offset,
                                total_rows=share.total_rows)  # N = P*k rows
     texts = rollout.texts(tok)
-    scores = reward([prompts.messages[i] for i in rollout.prompt_index.tolist()], texts).view(len(prompts), k)  # (P, k)
+    messages = [prompts.messages[i] for i in rollout.prompt_index.tolist()]
+    scores, parts = score_parts(reward, messages, texts, **reward_context(prompts, rollout, step))  # (N,)
+    scores = apply_missing_eos_penalty(scores.float(), rollout.ended_with_eos, penalty).view(len(prompts), k)  # (P, k)
     lengths = rollout.response_lengths().tolist()  # (N,)
     pairs = []
     for i, prompt_ids in enumerate(prompts.ids):
@@ -107,7 +115,7 @@ def _sample_share(sampler, tok, reward, prompts: Prompts, k: int, generator, sha
     totals = [float(scores.double().sum()), float(scores.numel()), float(scores.double().max(dim=1).values.sum()),
               float(len(prompts)), float(rollout.ended_with_eos.sum()), float(rollout.response_lengths().sum()),
               float(len(pairs))]
-    return pairs, totals
+    return pairs, totals, parts
 
 
 # --------------------------------------------------------------------------- one round of DPO
@@ -166,6 +174,7 @@ def check_online_config(cfg: OnlineDPOConfig) -> None:
     for key in ("rounds", "prompts_per_round", "epochs_per_round"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"`{key}` must be >= 1, got {getattr(cfg, key)}")
+    check_missing_eos_penalty(cfg.missing_eos_penalty)
     if cfg.samples_per_prompt < 2:
         raise ConfigError(f"`samples_per_prompt` must be >= 2 to form a pair, got {cfg.samples_per_prompt}")
     if not (cfg.prompts or cfg.data.train):
@@ -206,7 +215,8 @@ def main(cfg: OnlineDPOConfig) -> dict:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r)  # the round's samples: (seed, r) only
         share = RolloutShare(cfg.prompts_per_round, cfg.samples_per_prompt, run.dist)
         chosen = prompts.select(round_prompts(range(len(prompts)), cfg, r))
-        pairs, stats = sample_pairs(sampler, tok, reward, chosen, cfg.samples_per_prompt, generator, share)
+        pairs, stats = sample_pairs(sampler, tok, reward, chosen, cfg.samples_per_prompt, generator, share,
+                                    missing_eos_penalty=cfg.missing_eos_penalty, step=r - 1)
         last: dict = {}
         if stats["pairs"]:
             reference = round_reference(cfg, r, model, initial)

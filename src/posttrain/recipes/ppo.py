@@ -19,9 +19,10 @@ One iteration = ``rollout.batch_size`` episodes; ``total_episodes // rollout.bat
 4. Advantages (``advantage_estimator``):
    gae          GAE(gamma, lam) on the per-token rewards with the critic; returns = A + V;
    reinforce_pp returns-to-go of the per-token rewards, always whitened over the batch's tokens;
-   rloo         score - kl_coef * sum_t kl_t, minus the mean of the prompt's other samples;
+   rloo         score - kl_coef * sum_t kl_t, minus the mean of the prompt's other samples (one value per
+                sequence, whitened over the batch's sequences);
    grpo         group-normalised score; the KL is not in the reward but in the loss (k3, weight kl_coef).
-   ``whiten_advantages`` whitens gae / rloo advantages over the batch's valid tokens (grpo and
+   ``whiten_advantages`` whitens gae advantages over the batch's valid tokens, rloo's over its sequences (grpo and
    reinforce_pp are normalised by definition). Critic-free estimators load no critic at all.
 5. Optimise: ``ppo_epochs`` passes over the batch in shuffled minibatches of ``mini_batch_size``
    sequences, each one optimizer step over micro-batches of ``batch_size`` sequences
@@ -57,6 +58,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -75,10 +77,12 @@ from posttrain.losses import (AdaptiveKLController, FixedKLController, aggregate
 from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_causal_lm, load_sequence_classifier,
                               load_tokenizer, reference_context, resolve_dtype, save_model, token_logprobs,
                               token_values)
-from posttrain.rewards import build_reward, prompt_text
+from posttrain.rewards import build_reward, prompt_text, reward_names, score_parts
 from posttrain.rewards.model import reward_folder
 from posttrain.recipes.common import resume_step, save_final
-from posttrain.recipes.prompts import Prompts, gold_metrics, load_gold_task, load_prompts, prompt_sources
+from posttrain.recipes.prompts import (Prompts, apply_missing_eos_penalty, check_missing_eos_penalty,
+                                      gold_metrics, load_gold_task, load_prompts, prompt_sources, reward_context,
+                                      reward_part_stats)
 from posttrain.rollout.sampler import Sampler
 
 # --------------------------------------------------------------------------- set-up
@@ -104,6 +108,12 @@ def check_config(cfg: PPOConfig) -> None:
         key = "ref_ema" if cfg.ref_ema > 0 else "adaptive_kl_target"
         raise ConfigError(f"`{key}` acts on the KL penalty, which `kl_coef: 0` turns off (no reference is used); "
                           f"set kl_coef > 0 or unset {key}")
+    check_missing_eos_penalty(cfg.missing_eos_penalty)
+    if cfg.kl_estimator != "k1" and cfg.advantage_estimator != "grpo" and (cfg.kl_coef > 0 or cfg.adaptive_kl_target > 0):
+        warnings.warn(f"`kl_estimator: {cfg.kl_estimator}` puts {cfg.kl_estimator} in the reward of "
+                      f"`advantage_estimator: {cfg.advantage_estimator}`: its expected value is (near) KL(pi||pi_ref), but "
+                      "as a reward its policy gradient is biased (only k1's is the gradient of the KL); use kl_estimator=k1",
+                      stacklevel=2)
 
 
 def check_world(cfg: PPOConfig, world: int) -> None:
@@ -221,7 +231,12 @@ def advantages_for(cfg: PPOConfig, scores, kl, values, mask, kl_coef: float, sha
     elif est == "reinforce_pp":
         adv, whiten = reinforce_pp_returns(per_token_rewards(scores, kl, mask, kl_coef), mask, cfg.gamma), True
     elif est == "rloo":
-        adv = rloo_advantages(scores - kl_coef * kl.sum(1), k)[:, None].expand_as(kl)
+        # one advantage per sequence: whitened over the batch's sequences, not its tokens, where a long
+        # response would count once per token (Ahmadian et al. 2024 normalise per sample)
+        adv = rloo_advantages(scores - kl_coef * kl.sum(1), k)  # (N,)
+        if whiten and share.total_rows >= 2:
+            adv = share.whiten(adv, torch.ones_like(adv, dtype=torch.bool))
+        adv, whiten = adv[:, None].expand_as(kl), False
     else:
         adv, whiten = grpo_advantages(scores, k)[:, None].expand_as(kl), False
     adv = torch.where(mask, adv, torch.zeros_like(adv))
@@ -277,14 +292,16 @@ def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: in
                              total_rows=share.total_rows)
     texts = batch.texts(tok)
     messages = [chosen.messages[i] for i in batch.prompt_index.tolist()]
-    scores = reward(messages, texts).float()  # (N,), clipped by the source when reward.clip > 0
-    scores = scores + cfg.missing_eos_penalty * (~batch.ended_with_eos).float()
+    context = reward_context(chosen, batch, iteration)
+    scores, parts = score_parts(reward, messages, texts, **context)  # (N,), clipped by the source when reward.clip > 0
+    scores = apply_missing_eos_penalty(scores.float(), batch.ended_with_eos, cfg.missing_eos_penalty)
     stats = {"objective/scores": float(scores.mean()), "val/num_eos_tokens": int(batch.ended_with_eos.sum()),
              "rollout/response_length": float(batch.response_mask.sum(1).mean())}
     if task is not None:
-        gold = task.verify_batch([prompt_text(m) for m in messages], texts)
+        gold = task.verify_batch([prompt_text(m) for m in messages], texts, context["columns"])
         stats["objective/gold"] = sum(gold) / len(gold)
     stats = share.mean(stats, summed=("val/num_eos_tokens",))
+    stats.update(reward_part_stats(parts, reward_names(reward), share))
     if cfg.whiten_rewards and cfg.rollout.batch_size >= 2:
         scores = share.whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False)
     samples = [{"prompt": prompt_text(messages[i]), "completion": texts[i], "score": float(scores[i])} for i in range(min(2, len(texts)))]

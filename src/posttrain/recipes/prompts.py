@@ -3,6 +3,7 @@ gold evaluation of a built-in task."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,21 +13,69 @@ import torch
 from posttrain.config import ConfigError
 from posttrain.data import load_examples, tokenize_prompt
 from posttrain.engine.dist import DistInfo, RolloutShare
-from posttrain.rewards import prompt_text
+from posttrain.rewards import prompt_text, row_columns
 
 
 @dataclass
 class Prompts:
-    """Prompt rows: the messages (for the reward and the verifier) and their token ids with the generation prompt."""
+    """Prompt rows: the messages (for the reward and the verifier), their token ids with the generation prompt, and
+    each row's other columns (`answer`, ...: what a reward function or a task's verifier may read)."""
 
     messages: list[list[dict]]
     ids: list[list[int]]
+    columns: list[dict[str, Any]] | None = None  # one dict per row; None: no row has other columns
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def select(self, indices: list[int]) -> Prompts:
-        return Prompts([self.messages[i] for i in indices], [self.ids[i] for i in indices])
+        columns = [self.columns[i] for i in indices] if self.columns is not None else None
+        return Prompts([self.messages[i] for i in indices], [self.ids[i] for i in indices], columns)
+
+    def row_columns(self, prompt_index: list[int]) -> dict[str, list[Any]]:
+        """{column: one value per completion} for completions answering rows `prompt_index` (the reward's
+        `columns`)."""
+        return row_columns([self.columns[i] for i in prompt_index]) if self.columns is not None else {}
+
+
+def reward_context(prompts: Prompts, rollout, step: int) -> dict[str, Any]:
+    """The reward call's keyword arguments for a rollout of `prompts` (rewards.RewardSource): each completion's
+    prompt row columns, its sampled token ids through EOS, and the training step."""
+    lengths = rollout.response_lengths().tolist()
+    ids = [row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths)]
+    return {"columns": prompts.row_columns(rollout.prompt_index.tolist()), "completion_ids": ids, "step": step}
+
+
+def reward_part_stats(parts: dict[str, torch.Tensor], names: list[str], share: RolloutShare) -> dict[str, float]:
+    """`rewards/NAME/mean` and `rewards/NAME/std` (TRL's names; std: the sample std) of each reward's own scores
+    (`rewards.score_parts`) over all ranks' completions. `names`: `rewards.reward_names(source)`, the same on every
+    rank (a rank with no rows passes no parts)."""
+    totals = []
+    for name in names:
+        scores = parts[name].double() if name in parts else torch.zeros(0, dtype=torch.float64)
+        totals += [float(scores.sum()), float(scores.pow(2).sum()), float(scores.numel())]
+    totals = share.sum(totals)
+    out = {}
+    for i, name in enumerate(names):
+        s, sq, n = totals[3 * i: 3 * i + 3]
+        mean = s / n if n else 0.0
+        out[f"rewards/{name}/mean"] = mean
+        out[f"rewards/{name}/std"] = math.sqrt(max(sq - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0
+    return out
+
+
+def check_missing_eos_penalty(value: float) -> None:
+    """A positive `missing_eos_penalty` is refused: the value is added to a truncated response's score, so a positive
+    one (TRL's convention: positive, subtracted) would pay for truncation."""
+    if value > 0:
+        raise ConfigError(f"`missing_eos_penalty: {value:g}` would REWARD a response with no EOS: here the value is added "
+                          f"to its score (TRL's key of the same name is positive and subtracted); write "
+                          f"missing_eos_penalty={-value:g} to penalise truncation, or 0 for no penalty")
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, ended_with_eos: torch.Tensor, penalty: float) -> torch.Tensor:
+    """scores (N,) + penalty on each response without EOS (Huang et al. 2024: the model learns to stop)."""
+    return scores + penalty * (~ended_with_eos.bool()).to(scores.dtype)
 
 
 def load_prompts(sources: list[str], cfg: Any, tok, limit: int = 0) -> Prompts:
@@ -36,13 +85,14 @@ def load_prompts(sources: list[str], cfg: Any, tok, limit: int = 0) -> Prompts:
     if limit > 0:
         examples = examples[:limit]
     budget = cfg.max_length - cfg.rollout.max_new_tokens
-    kept = [(ex.prompt, ids) for ex in examples if 0 < len(ids := tokenize_prompt(tok, ex.prompt)) <= budget]
+    kept = [(ex, ids) for ex in examples if 0 < len(ids := tokenize_prompt(tok, ex.prompt)) <= budget]
     if not kept:
         raise ConfigError(f"{', '.join(sources)}: no usable prompt; every prompt is longer than max_length - "
                           f"rollout.max_new_tokens = {budget} tokens")
     if len(kept) < len(examples):
         print(f"prompts: dropped {len(examples) - len(kept)} of {len(examples)} longer than {budget} tokens", flush=True)
-    return Prompts([m for m, _ in kept], [i for _, i in kept])
+    columns = [dict(ex.meta) for ex, _ in kept]
+    return Prompts([ex.prompt for ex, _ in kept], [i for _, i in kept], columns if any(columns) else None)
 
 
 def prompt_sources(cfg: Any) -> list[str]:
@@ -82,13 +132,15 @@ def gold_accuracy(sampler, tok, task, prompts: Prompts, dist: DistInfo | None,
     at the training temperature (None without). Each rank answers its share of the prompts, sampled as one process
     would sample those rows."""
     share = RolloutShare(len(prompts), 1, dist)
-    ids, questions = share.take(prompts.ids), [prompt_text(m) for m in share.take(prompts.messages)]
+    mine = prompts.select(share.take(list(range(len(prompts)))))
+    ids, questions = mine.ids, [prompt_text(m) for m in mine.messages]
+    columns = mine.row_columns(list(range(len(mine))))  # one sample per prompt: rows in prompt order
     greedy = sampled = 0.0
     if ids:
-        greedy = float(sum(task.verify_batch(questions, sampler.generate(ids, greedy=True).texts(tok))))
+        greedy = float(sum(task.verify_batch(questions, sampler.generate(ids, greedy=True).texts(tok), columns)))
         if generator is not None:
             rollout = sampler.generate(ids, generator=generator, row_offset=share.row_offset, total_rows=share.total_rows)
-            sampled = float(sum(task.verify_batch(questions, rollout.texts(tok))))
+            sampled = float(sum(task.verify_batch(questions, rollout.texts(tok), columns)))
     greedy, sampled = share.sum([greedy, sampled])
     n = max(len(prompts), 1)
     return greedy / n, (sampled / n if generator is not None else None)

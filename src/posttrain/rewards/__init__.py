@@ -1,9 +1,11 @@
 """posttrain.rewards: where a scalar reward comes from.
 
-Every source maps a batch of (prompt, completion) pairs to a (N,) float32 CPU tensor:
+Every source maps a batch of (prompt, completion) pairs, with optional context (the prompt rows' other columns,
+the completion ids, the step), to a (N,) float32 CPU tensor:
 a trained reward model (``ModelReward``), a user's Python function (``FunctionReward``), a built-in
 task's verifier (``TaskReward``), or a weighted sum of these (``CombinedReward``).
-``build_reward(cfg.reward, device=...)`` picks them from a run's config.
+``build_reward(cfg.reward, device=...)`` picks them from a run's config; ``score_parts`` gives the total and
+each source's own scores (for the logs). ``posttrain.rewards.verifiers``: built-in math and format rewards.
 """
 
 from posttrain.rewards.base import (
@@ -11,6 +13,9 @@ from posttrain.rewards.base import (
     CombinedReward,
     RewardSource,
     prompt_text,
+    reward_names,
+    row_columns,
+    score_parts,
     scores_to_tensor,
     to_messages,
 )
@@ -30,6 +35,9 @@ __all__ = [
     "load_function",
     "prompt_text",
     "render_pair",
+    "reward_names",
+    "row_columns",
+    "score_parts",
     "scores_to_tensor",
     "to_messages",
 ]

@@ -22,9 +22,10 @@ def build_reward(
     attn_implementation: str = "auto",
     trust_remote_code: bool = False,
 ) -> RewardSource:
-    """One source from ``reward.model`` / ``reward.function`` / ``reward.task``.
+    """One source from ``reward.model`` / ``reward.function`` (one or several) / ``reward.task``.
 
-    Several given: their weighted sum, with ``reward.weights`` in that order (1.0 each when empty).
+    Several given: their weighted sum, with ``reward.weights`` in that order (model, each function, task; 1.0 each
+    when empty); ``score_parts`` gives each one's own scores for the logs. Functions get ``reward.timeout``.
     A single source with one weight is scaled by it. ``reward.clip > 0`` clips after combining.
     ``tokenizer`` is used only for a reward-model folder that has no tokenizer of its own. The reward model loads
     with the run's ``attn_implementation`` and ``trust_remote_code``.
@@ -49,8 +50,10 @@ def build_reward(
                 label=(reward_cfg.label or None),
             )
         )
-    if reward_cfg.function:
-        sources.append(FunctionReward(reward_cfg.function))
+    if reward_cfg.timeout < 0:
+        raise ConfigError(f"reward.timeout must be >= 0 (0 = no limit), got {reward_cfg.timeout}")
+    functions = [reward_cfg.function] if isinstance(reward_cfg.function, str) else list(reward_cfg.function)
+    sources += [FunctionReward(spec, timeout=reward_cfg.timeout) for spec in functions if spec]
     if reward_cfg.task:
         sources.append(TaskReward(reward_cfg.task))
     if not sources:
@@ -59,7 +62,7 @@ def build_reward(
     weights = list(reward_cfg.weights)
     if weights and len(weights) != len(sources):
         names = ", ".join(s.name for s in sources)
-        raise ConfigError(f"reward.weights has {len(weights)} values for {len(sources)} sources ({names}); give one per source in model, function, task order")
+        raise ConfigError(f"reward.weights has {len(weights)} values for {len(sources)} sources ({names}); give one per source in model, functions, task order")
     source: RewardSource
     if len(sources) == 1 and (not weights or weights[0] == 1.0):
         source = sources[0]

@@ -149,6 +149,7 @@ class ModelReward:
             )
             self.model.eval()
             self.name = f"model:{folder}"
+        self.log_name = "model"
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise RewardError(f"{self.name}: the tokenizer needs a pad token different from EOS")
         if batch_size < 1:
@@ -186,7 +187,9 @@ class ModelReward:
         raw = torch.cat(out) if out else torch.zeros(0)  # (N,)
         return (raw - self.bias) / self.scale
 
-    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], **context: Any) -> torch.Tensor:
+        """Scores of the rendered pairs; the optional context (columns, completion_ids, step) is not used: the model
+        reads the conversation only."""
         n = check_lengths(prompts, completions)
         seqs = [render_pair(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions)]
         order = sorted(range(n), key=lambda i: len(seqs[i]), reverse=True)

@@ -3,6 +3,7 @@
 - ``arithmetic``: multi-step sums with a worked chain (stands in for code generation with unit tests).
 - ``sentiment``: continue a film review positively (stands in for IMDb in the DPO paper).
 - ``dialogue``: answer benign questions, decline harmful ones (stands in for HH-RLHF / SafeRLHF).
+- ``math``: sums of fractions whose prompt rows carry an ``answer`` column, graded by math-verify.
 
 ``posttrain task NAME OUT_DIR`` writes ``sft.jsonl``, ``prefs.jsonl``, ``prompts.jsonl``,
 ``eval.jsonl`` and, for sentiment, ``classify.jsonl``.
@@ -13,10 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.config import ConfigError, TaskConfig
-from posttrain.tasks import arithmetic, dialogue, sentiment
+from posttrain.tasks import arithmetic, dialogue, math, sentiment
 from posttrain.tasks.base import Task
 
-TASKS: dict[str, Task] = {t.name: t for t in (arithmetic.TASK, sentiment.TASK, dialogue.TASK)}
+TASKS: dict[str, Task] = {t.name: t for t in (arithmetic.TASK, sentiment.TASK, dialogue.TASK, math.TASK)}
+# The tasks whose texts train the embedded tiny tokenizer. `math` is left out so the tokenizer (and every tiny model
+# and pinned number built on it) stays what it was; its text is arithmetic's words and digits plus `/` and
+# `\boxed{}`, which the byte-level BPE still encodes, in more pieces.
+CORPUS_TASKS = ("arithmetic", "sentiment", "dialogue")
 
 __all__ = ["TASKS", "Task", "corpus", "get_task", "main"]
 
@@ -37,7 +42,7 @@ def corpus(seed: int = 0, rows_per_task: int = 1000) -> list[str]:
     some noisy demonstrations so wrong chains, refusals and compliance are covered too.
     """
     texts: list[str] = []
-    for task in TASKS.values():
+    for task in (TASKS[name] for name in CORPUS_TASKS):
         for level in task.levels:
             n = max(1, rows_per_task // len(task.levels))
             rows = task.rows(seed=seed, n_train=n, n_eval=0, noise=0.2, difficulty=level)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -100,24 +100,36 @@ class Task:
     """A built-in task: a seeded data generator and a gold verifier.
 
     ``build(rng, n_train, n_eval, noise, difficulty) -> {file stem: rows}``;
-    ``score(prompt, completion) -> float`` reads what it needs from the user text alone.
+    ``score(prompt, completion, **columns) -> float`` reads what it needs from the user text and, for a task that
+    names ``columns`` (``math``: ``answer``), from those columns of the prompt row, which its prompt files carry.
     """
 
     name: str
     description: str
     build: Callable[[random.Random, int, int, float, int], Rows]
-    score: Callable[[str, str], float]
+    score: Callable[..., float]
     levels: tuple[int, ...] = (1,)
+    columns: tuple[str, ...] = ()
 
-    def verify(self, prompt: str, completion: str) -> float:
-        """Gold reward of one completion (a decoded assistant turn) for one user prompt."""
-        return float(self.score(prompt, completion))
+    def verify(self, prompt: str, completion: str, **columns: Any) -> float:
+        """Gold reward of one completion (a decoded assistant turn) for one user prompt (and its row's columns)."""
+        return float(self.score(prompt, completion, **{c: columns[c] for c in self.columns}))
 
-    def verify_batch(self, prompts: list[str], completions: list[str]) -> list[float]:
-        """``verify`` over aligned lists."""
+    def verify_batch(self, prompts: list[str], completions: list[str],
+                     columns: Mapping[str, Sequence[Any]] | None = None) -> list[float]:
+        """``verify`` over aligned lists; ``columns``: {column: one value per completion} (``rewards.row_columns``)."""
         if len(prompts) != len(completions):
             raise RewardError(f"task `{self.name}`: {len(prompts)} prompts but {len(completions)} completions")
-        return [self.verify(p, c) for p, c in zip(prompts, completions)]
+        columns = columns or {}
+        for c in self.columns:
+            values = columns.get(c)
+            bad = next((i for i, v in enumerate(values) if v is None), None) if values is not None else 0
+            if bad is not None:
+                raise RewardError(f"task `{self.name}`: its verifier reads the prompt rows' `{c}` column, which row "
+                                  f"{bad} (prompt {prompts[bad][:60]!r}) lacks; use the task's own prompt files "
+                                  f"(`posttrain task {self.name} DIR`)")
+        return [self.verify(p, comp, **{c: columns[c][i] for c in self.columns})
+                for i, (p, comp) in enumerate(zip(prompts, completions))]
 
     def rows(self, *, seed: int = 0, n_train: int = 4000, n_eval: int = 500, noise: float = 0.2,
              difficulty: int = 1) -> Rows:
@@ -129,8 +141,9 @@ class Task:
         if n_train < 1 or n_eval < 0:
             raise ConfigError(f"task `{self.name}`: need n_train >= 1 and n_eval >= 0, got {n_train} and {n_eval}")
         out = self.build(random.Random(seed), n_train, n_eval, noise, difficulty)
+        cols = lambda r: {c: r[c] for c in self.columns}  # noqa: E731 - the pair's row columns the verifier reads
         out["prefs"] = [r for r in out["prefs"]
-                        if self.verify(r["prompt"], r["chosen"]) > self.verify(r["prompt"], r["rejected"])]
+                        if self.verify(r["prompt"], r["chosen"], **cols(r)) > self.verify(r["prompt"], r["rejected"], **cols(r))]
         return out
 
     def generate(self, out_dir: str | Path, *, seed: int = 0, n_train: int = 4000, n_eval: int = 500,
