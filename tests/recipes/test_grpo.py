@@ -55,9 +55,9 @@ def test_run_logs_trl_metrics_gold_and_saves(tiny_model, arith_dir, tmp_path):
     rows = generations(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["episodes"] == 16
     for r in rows:
-        assert all(k in r for k in TRL_METRICS + ["kl", "rewards/task:arithmetic/mean", "rewards/task:arithmetic/std",
+        assert all(k in r for k in TRL_METRICS + ["kl", "rewards/arithmetic/mean", "rewards/arithmetic/std",
                                                   "eval/gold_accuracy"]), sorted(r)
-        assert r["reward"] < r["rewards/task:arithmetic/mean"] + 1e-9 and r["completions/clipped_ratio"] > 0
+        assert r["reward"] < r["rewards/arithmetic/mean"] + 1e-9 and r["completions/clipped_ratio"] > 0
     assert rows[0]["reward"] < 0  # the overlong penalty: lengths 5..8 of at most 8 with a buffer of 4
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # one on-policy step from the reference
     assert read_metrics(out / "metrics.jsonl")[0]["step"] == 0  # gold before training

@@ -53,8 +53,8 @@ from posttrain.losses import (aggregate, aggregate_count, clipped_surrogate, gro
 from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_causal_lm, load_tokenizer,
                               reference_context, token_logprobs)
 from posttrain.recipes.common import resume_step, save_final
-from posttrain.recipes.prompts import Prompts, gold_metrics, load_gold_task, load_prompts, prompt_sources
-from posttrain.rewards import build_reward, prompt_text
+from posttrain.recipes.prompts import Prompts, gold_metrics, load_gold_task, load_prompts, prompt_sources, reward_context
+from posttrain.rewards import build_reward, prompt_text, score_parts
 from posttrain.rollout.sampler import RolloutBatch, Sampler, assemble_batch
 
 # --------------------------------------------------------------------------- set-up
@@ -105,14 +105,6 @@ def response_logprobs(model, batch: RolloutBatch, temperature: float) -> torch.T
                           start=p - 1)
 
 
-def reward_terms(reward, messages: list, texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(the reward (N,), each reward function's own scores by name): a weighted sum's terms, else the one source."""
-    scores = reward(messages, texts).float()
-    inner = getattr(reward, "source", reward)  # under reward.clip
-    parts = inner.parts(messages, texts) if hasattr(inner, "parts") else {reward.name: scores}
-    return scores, parts
-
-
 @dataclass
 class Generation:
     """One generation's training rows (N = kept groups x G), and every sampled row's numbers for the logs."""
@@ -125,7 +117,7 @@ class Generation:
 
 
 def sample_generation(cfg: GRPOConfig, sampler: Sampler, reward, tok, prompts: Prompts, prompts_used: int,
-                      generator, share: RolloutShare) -> tuple[Generation, int]:
+                      generator, share: RolloutShare, step: int = 0) -> tuple[Generation, int]:
     """Step 1-2 of the module doc on this rank's share: rollout batches until the generation is full (one without
     dynamic sampling). Returns the generation and the prompts consumed so far."""
     g, per_batch = cfg.num_generations, cfg.rollout.batch_size // cfg.num_generations
@@ -139,7 +131,9 @@ def sample_generation(cfg: GRPOConfig, sampler: Sampler, reward, tok, prompts: P
                                  total_rows=share.total_rows)
         texts, lengths = batch.texts(tok), batch.response_lengths()
         messages = [chosen.messages[i] for i in batch.prompt_index.tolist()]
-        scores, parts = reward_terms(reward, messages, texts)
+        # each reward function sees the prompt rows' other columns, the completion ids and the step (TRL's convention)
+        scores, parts = score_parts(reward, messages, texts, **reward_context(chosen, batch, step))
+        scores = scores.float()
         scores = scores + soft_overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.overlong_buffer_len,
                                                 cfg.overlong_penalty_factor)
         _, zero_std = group_advantages(scores, g)  # (N,)
@@ -380,7 +374,8 @@ def main(cfg: GRPOConfig) -> dict:
             # one generator per generation for sampling and minibatch order: a resumed run draws the same
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step - 1)
             t0 = time.perf_counter()
-            gen, prompts_used = sample_generation(cfg, sampler, reward, tok, prompts, prompts_used, generator, share)
+            gen, prompts_used = sample_generation(cfg, sampler, reward, tok, prompts, prompts_used, generator, share,
+                                                      step - 1)
             gen.batch = gen.batch.to(device)
             exp, exp_stats = make_experience(cfg, policy, ref, gen, amp, share)
             t1 = time.perf_counter()
