@@ -257,6 +257,11 @@ def command(name, cmd, model, data, out):
         "grpo": ["ppo", f"model={model}", f"prompts={arith / 'prompts.jsonl'}", "advantage_estimator=grpo",
                  "rollout.samples_per_prompt=4", "rollout.batch_size=8", "total_episodes=8", "mini_batch_size=4",
                  "ppo_epochs=1", *ROLLOUT, *COMMON],
+        "grpo-command": ["grpo", f"model={model}", f"prompts={arith / 'prompts.jsonl'}", "num_generations=4",
+                         "rollout.batch_size=8", "total_episodes=8", "beta=0.04", *ROLLOUT, *COMMON],
+        "kto": ["kto", f"model={model}", f"data.train={arith / 'prefs.jsonl'}", "max_steps=2", *COMMON],
+        "dpo-simpo": ["dpo", f"model={model}", f"data.train={arith / 'prefs.jsonl'}", "loss_type=simpo", "max_steps=2",
+                      *COMMON],
         "generate": ["generate", str(model), "prompt=What is 12 + 7? Answer with one number, please.",
                      "rollout.max_new_tokens=6", "dtype=float32"],
     }[cmd] + ([] if cmd == "generate" else [f"output_dir={out}"])
@@ -265,7 +270,8 @@ def command(name, cmd, model, data, out):
 NO_CLASSIFIER = "transformers has no sequence classifier for this family (a known limit)"
 NEEDS_CLASSIFIER = ("sft-classification", "rm", "ppo")
 KNOWN = {(fam, cmd): NO_CLASSIFIER for fam in ("granite", "cohere") for cmd in NEEDS_CLASSIFIER}
-COMMANDS = ["sft", "sft-classification", "rm", "dpo", "online-dpo", "ppo", "grpo", "generate"]
+COMMANDS = ["sft", "sft-classification", "rm", "dpo", "dpo-simpo", "kto", "online-dpo", "ppo", "grpo", "grpo-command",
+            "generate"]
 
 
 def matrix():
