@@ -733,8 +733,10 @@ def _build(cls: type, values: dict[str, Any], where: str = "", refused: dict[str
         else:
             kwargs[key] = _coerce(value, tp, f"{where}{key}")
     built = cls(**kwargs)
+    defaults = cls()
     for key, (selector, valid) in getattr(cls, "ONLY_WITH", {}).items():
-        if key in kwargs and getattr(built, selector) not in valid:
+        # a key at its default does nothing either way (a saved config.yaml lists every key): only a set value counts
+        if key in kwargs and kwargs[key] != getattr(defaults, key) and getattr(built, selector) not in valid:
             raise ConfigError(f"config key `{where}{key}` does not apply with {selector}={getattr(built, selector)} "
                               f"(only with {selector} {', '.join(valid)}); remove it")
     return built

@@ -36,7 +36,8 @@ def test_causal_lm_is_resized_for_added_tokens(plain_dir):
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert model.get_output_embeddings().weight.shape[0] == len(tok)
     assert model.config.pad_token_id == tok.pad_token_id
-    assert model.generation_config.eos_token_id == tok.eos_token_id
+    # the end-of-turn EOS stops generation first; the folder's own stop id stays after it
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, 2]
 
 
 def test_own_template_end_of_turn_becomes_eos_and_unused_pad_token_is_reused(tmp_path, make_bpe):
