@@ -64,6 +64,7 @@ from posttrain.config import ConfigError, PPOConfig
 from posttrain.data import prompt_order
 from posttrain.engine import autocast_dtype, build_scheduler, ema_update, grad_scaler, setup_run, train_step, wrap_model
 from posttrain.engine.dist import DistInfo, RolloutShare
+from posttrain.eval.health import flat_group_share, print_health
 from posttrain.engine.loop import LoopSettings, Steps
 from posttrain.engine.optim import adamw, param_groups
 from posttrain.losses import (AdaptiveKLController, FixedKLController, gae_advantages, grpo_advantages,
@@ -268,8 +269,9 @@ def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: in
     messages = [chosen.messages[i] for i in batch.prompt_index.tolist()]
     scores = reward(messages, texts).float()  # (N,), clipped by the source when reward.clip > 0
     scores = scores + cfg.missing_eos_penalty * (~batch.ended_with_eos).float()
+    zero_std = {"frac_reward_zero_std": flat_group_share(scores.view(-1, k).tolist())} if k > 1 else {}  # TRL's name
     stats = {"objective/scores": float(scores.mean()), "val/num_eos_tokens": int(batch.ended_with_eos.sum()),
-             "rollout/response_length": float(batch.response_mask.sum(1).mean())}
+             "rollout/response_length": float(batch.response_mask.sum(1).mean()), **zero_std}
     if task is not None:
         gold = task.verify_batch([prompt_text(m) for m in messages], texts)
         stats["objective/gold"] = sum(gold) / len(gold)
@@ -417,5 +419,6 @@ def main(cfg: PPOConfig) -> dict:
     critic, dtype = models.critic, resolve_dtype(cfg.dtype, device)
     save_final(run, cfg, models.policy, tok,  # final/ = the policy's HF folder, final/critic/ = the critic's
                extra=(lambda folder: save_model(critic, folder / "critic", dtype=dtype)) if critic is not None else None)
+    print_health(run)
     run.close()
     return {"iteration": iterations.step, "stopped": False, **record}

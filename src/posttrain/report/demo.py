@@ -170,3 +170,7 @@ def write_demo_report(cfg: DemoConfig, report_dir: Path, out: Path, runs: list[s
     return write_report([out / r for r in runs], report_dir, title=title, intro=intro(cfg, out, evals, seconds),
                         findings=None if cfg.ablation else findings(evals, curves, cfg.task), wall_times=wall,
                         curve_runs=extra, extra_sections={"Wall time per stage": stage_table(seconds)})
+
+
+def write_seeds_report(cfg: DemoConfig, out: Path, folders: dict[int, Path]) -> Path:
+    raise NotImplementedError

@@ -108,6 +108,9 @@ class Task:
     build: Callable[[random.Random, int, int, float, int], Rows]
     score: Callable[[str, str], float]
     levels: tuple[int, ...] = (1,)
+    # a graded score (a degree, e.g. a share of positive words) is compared by its mean over samples; a right /
+    # wrong score (>= 1 means right) by accuracy and pass@k
+    graded: bool = False
 
     def verify(self, prompt: str, completion: str) -> float:
         """Gold reward of one completion (a decoded assistant turn) for one user prompt."""
