@@ -88,7 +88,7 @@ def test_findings_say_plainly_when_a_method_did_not_improve():
                          {"step": 2, "objective/scores": 2.0, "eval/gold_accuracy": 0.3}]}
     text = findings(evals, curves, "arithmetic")
     lines = {line.split()[1]: line for line in text.splitlines() if line.startswith("- ")}
-    assert "ppo-verifier improved on sft (gold accuracy 70.0% vs 50.0%, +20.0 ± 4.9 points)" in text
+    assert "ppo-verifier improved on sft (gold accuracy (greedy) 70.0% vs 50.0%, +20.0 ± 4.9 points)" in text
     assert "**Improved on SFT:** ppo-verifier (+20.0 ± 4.9 points)." in text
     assert "**Worse than SFT:** dpo-iter (-20.0 ± 4.9 points)." in text and "**Not evaluated:** sft+dpo." in text
     assert "ppo-rm did NOT improve on sft" in lines["ppo-rm"] and "within noise" in lines["ppo-rm"]
