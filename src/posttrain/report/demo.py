@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from posttrain.config import DemoConfig
-from posttrain.eval.health import blocking
+from posttrain.eval.health import BLOCKING, blocking
 from posttrain.eval.metrics import mean_and_stderr
 from posttrain.report import read_metrics, summary_table, write_report
 from posttrain.report.evidence import (Effect, Seed, claims_table, classification_table, difference, load_seed,
@@ -231,15 +231,17 @@ def seeds_findings(seeds: list[Seed], key: str) -> str:
             continue
         kind = _kind(effect)
         groups[kind].append(f"{name} ({effect.shown()})" if kind != "blocked" else name)
-        seen = {}
+        seen: dict[str, list[int]] = {}  # warning name -> the seeds that show it
         for s in seeds:
             for w in method_warnings({m: s.evals.get(m, {}) for m in METHODS}, key).get(name, []):
                 seen.setdefault(w.name, []).append(s.seed)
-        warned = "".join(f" **Warning {w}** (seeds {', '.join(map(str, ss))})." for w, ss in seen.items())
+        shown = lambda ws: ", ".join(f"{w} (seeds {', '.join(map(str, ss))})" for w, ss in ws)  # noqa: E731
+        stopped = [(w, ss) for w, ss in seen.items() if w in BLOCKING]
+        flagged = [(w, ss) for w, ss in seen.items() if w not in BLOCKING]
         per_seed = ", ".join(f"{100 * v:+.1f}" for v in effect.per_seed)
         details.append(f"- {name}: {effect.shown()} over {len(effect.per_seed)} seeds (per seed: {per_seed}; "
-                       f"t = {effect.t:.2f})" + (": no verdict, " + "; ".join(effect.blocked) if effect.blocked else "")
-                       + "." + warned)
+                       f"t = {effect.t:.2f})" + (f": **no verdict**, {shown(stopped)}" if effect.blocked else "")
+                       + "." + (f" **Warnings:** {shown(flagged)}." if flagged else ""))
     heads = {"better": "Improved on SFT", "noise": "No measurable change from SFT (within noise)",
              "worse": "Worse than SFT", "blocked": "No verdict (degenerate evidence)"}
     lines = [f"**{heads[g]}:** {', '.join(groups[g]) or 'none'}.  " for g in heads if groups[g] or g == "better"]
