@@ -8,11 +8,18 @@ The pipeline of the seed (and of Xu et al. 2024, arXiv 2404.10719, Sec. 5 / Tabl
                          dpo           offline DPO on the preference pairs
                          sft+dpo       SFT on the chosen responses, then DPO
                          dpo-iter      iterative online DPO, pairs labelled by the verifier
-    -> `posttrain eval` of every model on the same held-out prompts, KL measured to the SFT model
+    -> `posttrain eval` of every model on the same 500 held-out prompts, KL measured to the SFT model
+    -> the seed's SFT for classification: a new head on the sentiment task's labelled reviews, trained four ways
+       (head only, top 2 blocks, all layers, LoRA; `CLASSIFY`)
     -> runs/demo/report.md: what was run, a "what this shows" section written from the numbers (each method
-       against SFT, +- standard error), the results table, the gold-vs-KL frontier, held-out gold during
-       training, proxy-vs-gold for ppo-rm, training curves per method family, and wall time per stage
-       (written by `posttrain.report.demo`).
+       against SFT, +- standard error, or "no verdict" where the evidence is degenerate), the claims table, the
+       results table, the gold-vs-KL frontier, held-out gold during training, proxy-vs-gold for ppo-rm, training
+       curves per method family, and wall time per stage (written by `posttrain.report.demo`).
+
+`--seeds N` runs all of it once per seed into `seed-S/` folders (seed S of N is exactly `posttrain demo seed=S
+output_dir=OUT/seed-S`, so seeds can also run apart, on other machines, and be reported together) and writes
+`OUT/report.md` with the verdicts from the spread over seeds (`posttrain.report.evidence`); one seed (the default
+and `--quick`) is indicative only, and its report says so.
 
 Every stage is an ordinary posttrain command with a config file under `examples/demo/` (`examples/demo/sentiment/`
 for `--task sentiment`, where the reward model is a sentiment classifier and gold is the task's rule-based
