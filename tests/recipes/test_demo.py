@@ -37,7 +37,8 @@ def test_quick_demo_end_to_end_then_rerun_skips_done_stages(tmp_path, capsys):
     assert "One seed: indicative only" in report and "## Claims of the background paper" in report
     assert "| PPO beats DPO on a verifiable task |" in report and "| PPO with a reference EMA beats PPO without |" in report
     for variant in ("head", "top2", "all", "lora"):
-        assert (out / "classify" / variant / "final" / "config.json").is_file(), variant
+        done = "adapter_config.json" if variant == "lora" else "config.json"  # LoRA's final/ is a PEFT adapter
+        assert (out / "classify" / variant / "final" / done).is_file(), variant
     assert "| head only |" in report and "| LoRA r=8 + head |" in report
 
     # rerun: every stage is done; removing one model reruns it and its evaluation only

@@ -127,9 +127,10 @@ def classification(out: Path) -> list[Stage]:
                     quick=["n_train=400", "n_eval=40"])]
     for variant, keys in CLASSIFY.items():
         run = f"classify/{variant}"
+        done = "adapter_config.json" if any(k.startswith("lora.r=") for k in keys) else "config.json"  # LoRA: PEFT's
         stages.append(Stage(run, "sft", "classify.yaml", [f"model={out / 'tiny'}", f"data.train={data}/classify.jsonl",
                                                           f"output_dir={out / run}", *keys],
-                            f"{run}/final/config.json", ["tiny", "classify/task"], ["max_steps=10", "logging.eval_steps=10"]))
+                            f"{run}/final/{done}", ["tiny", "classify/task"], ["max_steps=10", "logging.eval_steps=10"]))
     return stages
 
 
