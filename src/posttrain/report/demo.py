@@ -80,7 +80,8 @@ def findings(evals: dict[str, dict], curves: dict[str, list[dict]], task: str) -
         names = [w.name for w in warnings.get(name, [])]
         groups[v[0]].append(name + (f" ({', '.join(names)})" if v[0] == "blocked" else
                                     f" ({100 * d:+.1f} ± {100 * se:.1f} points)"))
-        flagged = [w for w in warnings.get(name, []) if w not in blocking(warnings.get(name, []))]
+        said = {w.name for w in warnings.get("sft", [])}  # said once on SFT's line (and per run under Warnings)
+        flagged = [w for w in warnings.get(name, []) if w not in blocking(warnings.get(name, [])) and w.name not in said]
         details.append(f"- {name} {v[1]}; KL to SFT {ev.get('kl', float('nan')):.2f} nats, EOS rate "
                        f"{ev.get('eos_rate', float('nan')):.0%}."
                        + "".join(f" **Warning {w.name}:** {w.text}." for w in flagged))
