@@ -44,12 +44,15 @@ posttrain ppo examples/ppo_tiny.yaml output_dir=runs/grpo-tiny advantage_estimat
   rollout.samples_per_prompt=4 total_episodes=8 rollout.batch_size=8 mini_batch_size=8 \
   batch_size=8 ppo_epochs=1 eval_prompts=4 save.steps=0
 posttrain dpo examples/dpo_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0
+posttrain kto examples/kto_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0
+posttrain dpo examples/simpo_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0
+posttrain dpo examples/orpo_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0
 posttrain online-dpo examples/online_dpo_tiny.yaml rounds=1 prompts_per_round=4 samples_per_prompt=2 batch_size=4 \
   eval_prompts=4
 posttrain eval runs/ppo-tiny/final task=arithmetic ref_model=runs/sft-tiny/final num_prompts=4 num_samples=2
 posttrain generate runs/ppo-tiny/final "What is 3 + 4 - 2?" rollout.max_new_tokens=16
 posttrain report runs/sft-tiny runs/ppo-tiny
-for run in sft-tiny sentiment-classifier rm-tiny ppo-tiny grpo-tiny dpo-tiny online-dpo-tiny; do
+for run in sft-tiny sentiment-classifier rm-tiny ppo-tiny grpo-tiny dpo-tiny kto-tiny simpo-tiny orpo-tiny online-dpo-tiny; do
   test -f "runs/$run/final/config.json"
 done
 set +x

@@ -143,14 +143,17 @@ def _dotted_keys(cls, prefix="") -> list[str]:
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_lists_exactly_the_keys_the_command_accepts(command, capsys):
-    """--help's keys are the config's keys, once each, and each of them loads (with its own default)."""
+    """--help's keys are the config's keys, once each, and each of them loads (with its own default; a key that only
+    applies with some values of another, `ONLY_WITH`, together with the first of them)."""
     listed = _help_keys(command, capsys)
     assert len(listed) == len(set(listed))
     assert sorted(listed) == sorted(_dotted_keys(COMMANDS[command]))
     cfg = COMMANDS[command]()
+    only_with = getattr(COMMANDS[command], "ONLY_WITH", {})
     for key in listed:
         value = functools.reduce(getattr, key.split("."), cfg)
-        load_config(COMMANDS[command], None, {key: value})
+        selector = {only_with[key][0]: only_with[key][1][0]} if key in only_with else {}
+        load_config(COMMANDS[command], None, {key: value, **selector})
 
 
 def test_help_of_the_online_commands(capsys):
@@ -174,7 +177,7 @@ def test_an_enum_typo_names_the_key_the_value_and_the_closest_value():
     with pytest.raises(ConfigError) as e:
         load_config(DPOConfig, None, ["loss_type=sigmoidd"])
     assert str(e.value) == ("config key `loss_type`: unknown value `sigmoidd`; did you mean `sigmoid`? "
-                            "(valid: sigmoid, ipo, hinge, robust)")
+                            "(valid: sigmoid, ipo, hinge, robust, simpo, cpo, orpo)")
 
 
 @pytest.mark.parametrize("command, key, bad, closest", [
@@ -227,13 +230,14 @@ def test_the_enum_types_name_what_the_library_takes():
     from posttrain.data.tokenize import LOSS_ON
     from posttrain.engine.logging import REPORTERS
     from posttrain.engine.optim import SCHEDULERS
-    from posttrain.losses import KL_ESTIMATORS, LOSS_TYPES
+    from posttrain.losses import KL_ESTIMATORS, LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
     from posttrain.models.tiny import SIZES
     from posttrain.recipes.demo import TASKS as DEMO_TASKS
     from posttrain.tasks import TASKS
 
     args = typing.get_args
-    assert args(config.DPOLossType) == LOSS_TYPES
+    assert args(config.DPOLossType) == LOSS_TYPES == config.REFERENCE_LOSSES
+    assert args(config.PrefLossType) == LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES
     assert args(config.KLEstimator) == KL_ESTIMATORS
     assert args(config.LRScheduler) == SCHEDULERS
     assert args(config.LossOn) == LOSS_ON
@@ -279,3 +283,46 @@ def test_rollout_backend_vllm_is_used_by_eval_and_generate(tiny_model, tmp_path,
             if command == "eval" else [command, str(tiny_model), "hi"])
     assert main([*args, "rollout.backend=vllm", "rollout.max_new_tokens=2"]) == 2
     assert "rollout.backend=vllm needs vLLM: pip install 'posttrain[vllm]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,key", [(["task=classification", "packing=true"], "packing"),
+                                       (["task=classification", "loss_on=all"], "loss_on"),
+                                       (["num_labels=3"], "num_labels")])
+def test_sft_refuses_the_other_tasks_keys_by_name(tiny_model, tmp_path, capsys, extra, key):
+    """A key of task=causal_lm with task=classification (and the reverse) would be ignored: it is refused before
+    the run writes anything."""
+    out = tmp_path / "run"
+    assert main(["sft", f"model={tiny_model}", "data.train=task:sentiment/classify.jsonl", f"output_dir={out}",
+                 "max_steps=1", *extra]) == 2
+    assert f"`{key}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["loss_type=simpo", "ref_model=some/folder"], "ref_model"),
+    (["loss_type=orpo", "precompute_ref=false"], "precompute_ref"),
+    (["loss_type=cpo", "precompute_ref=true"], "precompute_ref"),
+    (["cpo_alpha=0.5"], "cpo_alpha"),
+    (["loss_type=cpo", "simpo_gamma=1.0"], "simpo_gamma"),
+    (["loss_type=orpo", "sft_weight=0.1"], "sft_weight"),
+    (["loss_type=ipo", "label_smoothing=0.1"], "label_smoothing"),
+])
+def test_dpo_refuses_a_key_its_loss_type_does_not_use(overrides, key):
+    """A key set explicitly that the chosen loss_type ignores is refused by name (a default is never refused)."""
+    with pytest.raises(ConfigError, match=f"`{key}` does not apply with loss_type="):
+        load_config(DPOConfig, None, overrides)
+
+
+def test_dpo_keys_of_the_loss_type_are_accepted():
+    cfg = load_config(DPOConfig, None, ["loss_type=simpo", "simpo_gamma=1.2", "beta=2", "sft_weight=0.1",
+                                        "label_smoothing=0.05"])
+    assert (cfg.simpo_gamma, cfg.beta, cfg.sft_weight) == (1.2, 2.0, 0.1)
+    assert load_config(DPOConfig, None, ["loss_type=cpo", "cpo_alpha=0.5"]).cpo_alpha == 0.5
+    assert load_config(DPOConfig, None, ["ref_model=x", "precompute_ref=false"]).ref_model == "x"
+
+
+def test_kto_refuses_dpo_only_keys_by_name():
+    from posttrain.config import KTOConfig
+    for key in ("precompute_ref=false", "loss_type=sigmoid", "label_smoothing=0.1", "sft_weight=0.1"):
+        with pytest.raises(ConfigError, match=f"`{key.split('=')[0]}` is not accepted: kto"):
+            load_config(KTOConfig, None, [key])

@@ -30,6 +30,7 @@ ENTRY = {
     "sft": "posttrain.recipes.sft:main",
     "rm": "posttrain.recipes.rm:main",
     "dpo": "posttrain.recipes.dpo:main",
+    "kto": "posttrain.recipes.kto:main",
     "online-dpo": "posttrain.recipes.online_dpo:main",
     "ppo": "posttrain.recipes.ppo:main",
     "demo": "posttrain.recipes.demo:main",
@@ -57,7 +58,9 @@ USAGE = """usage: posttrain COMMAND [CONFIG.yaml] [key=value ...] [--help] [--np
 commands:
   sft          supervised fine-tuning (instruction tuning, or classification with a new head)
   rm           reward model (Bradley-Terry)
-  dpo          offline DPO (sigmoid, ipo, hinge, robust; + SFT term)
+  dpo          offline preference optimisation: DPO (sigmoid, ipo, hinge, robust; + SFT term) and the
+               reference-free simpo, cpo, orpo
+  kto          KTO on unpaired desirable / undesirable completions (or preference pairs, unpaired)
   online-dpo   iterative online DPO (sample, label, train, repeat)
   ppo          PPO with a reward model / function / verifier and a critic (or GRPO, RLOO, REINFORCE++)
   eval         evaluate a model: gold accuracy, pass@k, reward, KL, length, EOS rate, perplexity

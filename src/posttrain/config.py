@@ -6,7 +6,9 @@ command honours: it is composed from groups of top-level keys (``RunKeys``,
 ``OptimKeys``, ...) and sections (``data``, ``rollout``, ...), never inherited
 from another command. Unknown keys and wrong types are rejected with the key's
 name and the closest valid key; a key another command takes is refused with the
-key that does its job here (``REFUSED``); an enum key (``Literal``) is checked
+key that does its job here (``REFUSED``); a key that only does something with
+some values of another (dpo's ``cpo_alpha`` with ``loss_type: cpo``) is refused
+when set with the others (``ONLY_WITH``); an enum key (``Literal``) is checked
 here, once, with the closest valid value suggested. ``posttrain CMD --help``
 prints :func:`help_text` of the command's config.
 """
@@ -51,9 +53,10 @@ Strategy = Literal["ddp", "fsdp"]
 SFTTask = Literal["causal_lm", "classification"]
 LossOn = Literal["assistant", "completion", "all"]
 DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "classification",
-                     "preference", "prompt"]
+                     "preference", "prompt", "unpaired"]
 Reporter = Literal["jsonl", "tensorboard", "wandb"]
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+PrefLossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "cpo", "orpo"]  # dpo: + the reference-free
 KLEstimator = Literal["k1", "k2", "k3"]
 AdvantageEstimator = Literal["gae", "grpo", "rloo", "reinforce_pp"]
 CriticInit = Literal["auto", "reward", "policy"]
@@ -75,7 +78,7 @@ class DataConfig:
     train: list[str] = opt([], "training data: file path(s) (json, jsonl, csv, parquet), a saved dataset folder, or an HF dataset name (`name` or `name:split`)")
     eval: list[str] = opt([], "evaluation data, same forms as data.train")
     eval_split: float = opt(0.0, "when data.eval is empty, hold out this fraction of data.train for evaluation")
-    format: DataFormat = opt("auto", "row format: auto, messages, prompt_completion, alpaca, sharegpt, text, classification, preference, prompt")
+    format: DataFormat = opt("auto", "row format: auto, messages, prompt_completion, alpaca, sharegpt, text, classification, preference, prompt, unpaired (kto)")
     chat_template: str = opt("auto", "auto (the tokenizer's own, else chatml), chatml, or a Jinja template string")
     skip_invalid: bool = opt(False, "skip and count bad rows instead of stopping the run")
     max_rows: int = opt(0, "use at most this many training rows (0 = all)")
@@ -274,6 +277,12 @@ def _refused(cmd: str, **extra: str) -> dict[str, str]:
 
 @dataclass
 class SFTConfig(SupervisedKeys, OptimKeys, RunKeys, ModelLoadKeys):
+    ONLY_WITH: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
+        "packing": ("task", ("causal_lm",)),
+        "loss_on": ("task", ("causal_lm",)),
+        "num_labels": ("task", ("classification",)),
+    }
+
     task: SFTTask = opt("causal_lm", "causal_lm (instruction tuning) or classification (new head)")
     num_labels: int = opt(0, "classification: number of labels (0 = from the data)")
     loss_on: LossOn = opt("assistant", "assistant (assistant turns), completion (last assistant turn), or all tokens")
@@ -299,10 +308,58 @@ class RMConfig(SupervisedKeys, OptimKeys, RunKeys, ModelLoadKeys):
     save: SaveConfig = sub(SaveConfig, "checkpoints")
 
 
+REFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+
+
 @dataclass
 class DPOConfig(DPOKeys, SupervisedKeys, OptimKeys, RunKeys, ModelLoadKeys):
+    # key -> (the key that selects, the values with which it does something): set with any other value, refused
+    ONLY_WITH: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
+        "ref_model": ("loss_type", REFERENCE_LOSSES),
+        "precompute_ref": ("loss_type", REFERENCE_LOSSES),
+        "label_smoothing": ("loss_type", ("sigmoid", "robust", "simpo", "cpo")),
+        "sft_weight": ("loss_type", REFERENCE_LOSSES + ("simpo",)),
+        "simpo_gamma": ("loss_type", ("simpo",)),
+        "cpo_alpha": ("loss_type", ("cpo",)),
+    }
+
+    beta: float = opt(0.1, "sigmoid / ipo / hinge / robust: KL weight beta; simpo, cpo: the reward scale; orpo: the "
+                      "odds-ratio term's weight (the paper's lambda; TRL's name)")
+    loss_type: PrefLossType = opt("sigmoid", "with a reference model: sigmoid (DPO), ipo (on length-normalised "
+                                  "log-probs, as TRL), hinge, robust; reference-free (no reference model, no "
+                                  "reference pass): simpo (length-normalised, margin simpo_gamma), cpo (+ cpo_alpha "
+                                  "* NLL), orpo (odds ratio + NLL on the chosen response)")
+    label_smoothing: float = opt(0.0, "assumed fraction of flipped labels (sigmoid / cDPO, robust, simpo, cpo)")
+    sft_weight: float = opt(0.0, "weight of the chosen response's token-mean NLL added to the loss (not cpo / orpo, "
+                            "which have their own NLL term)")
+    simpo_gamma: float = opt(0.5, "simpo: target reward margin gamma (TRL's CPOConfig name)")
+    cpo_alpha: float = opt(1.0, "cpo: weight of the chosen response's token-mean NLL (TRL's CPOConfig name)")
     learning_rate: float = opt(1e-6, "peak learning rate")
     data: DataConfig = sub(DataConfig, "data sources and format")
+    lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")
+    freeze: FreezeConfig = sub(FreezeConfig, "layer freezing")
+    logging: LoggingConfig = sub(LoggingConfig, "metrics logging")
+    save: SaveConfig = sub(SaveConfig, "checkpoints")
+
+
+@dataclass
+class KTOConfig(SupervisedKeys, OptimKeys, RunKeys, ModelLoadKeys):
+    REFUSED: ClassVar[dict[str, str]] = {
+        "precompute_ref": "kto always caches the reference log-probs (of each completion and of its mismatched KL "
+                          "completion) in one pass before training",
+        "loss_type": "kto has one loss (Ethayarajh et al. 2024); the paired losses are `posttrain dpo loss_type=...`",
+        "label_smoothing": "kto has no label smoothing; weigh the two kinds with desirable_weight / undesirable_weight",
+        "sft_weight": "kto has no NLL term",
+    }
+
+    beta: float = opt(0.1, "KL weight beta")
+    desirable_weight: float = opt(1.0, "weight of a desirable (label true) completion's loss (the paper's lambda_D)")
+    undesirable_weight: float = opt(1.0, "weight of an undesirable (label false) completion's loss (lambda_U); "
+                                    "the paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3]")
+    ref_model: str = opt("", "folder of the reference model (default: the policy's starting weights)")
+    learning_rate: float = opt(1e-6, "peak learning rate")
+    data: DataConfig = sub(DataConfig, "rows `prompt`, `completion`, `label` (true / false), plain or chat; "
+                           "preference rows (prompt, chosen, rejected) give one true and one false row each")
     lora: LoraConfig = sub(LoraConfig, "LoRA adapters (peft)")
     freeze: FreezeConfig = sub(FreezeConfig, "layer freezing")
     logging: LoggingConfig = sub(LoggingConfig, "metrics logging")
@@ -359,7 +416,7 @@ class PPOConfig(OptimKeys, RunKeys, ModelLoadKeys):
     vf_coef: float = opt(0.1, "value loss weight")
     gamma: float = opt(1.0, "discount")
     lam: float = opt(0.95, "GAE lambda")
-    kl_coef: float = opt(0.05, "KL penalty weight")
+    kl_coef: float = opt(0.05, "KL penalty weight; 0 = no penalty and no reference model (none loaded, none run)")
     kl_estimator: KLEstimator = opt("k1", "k1, k2 or k3 (Schulman's estimators)")
     adaptive_kl_target: float = opt(0.0, "target KL for the adaptive controller (0 = fixed kl_coef)")
     adaptive_kl_horizon: int = opt(10000, "horizon (episodes) of the adaptive KL controller (Ziegler et al. 2019)")
@@ -462,6 +519,7 @@ COMMANDS: dict[str, type] = {
     "sft": SFTConfig,
     "rm": RMConfig,
     "dpo": DPOConfig,
+    "kto": KTOConfig,
     "online-dpo": OnlineDPOConfig,
     "ppo": PPOConfig,
     "eval": EvalConfig,
@@ -568,7 +626,12 @@ def _build(cls: type, values: dict[str, Any], where: str = "", refused: dict[str
             kwargs[key] = _build(tp, value or {}, f"{where}{key}.", refused)
         else:
             kwargs[key] = _coerce(value, tp, f"{where}{key}")
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    for key, (selector, valid) in getattr(cls, "ONLY_WITH", {}).items():
+        if key in kwargs and getattr(built, selector) not in valid:
+            raise ConfigError(f"config key `{where}{key}` does not apply with {selector}={getattr(built, selector)} "
+                              f"(only with {selector} {', '.join(valid)}); remove it")
+    return built
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

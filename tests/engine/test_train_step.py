@@ -187,3 +187,23 @@ def test_a_bare_mean_or_a_bare_stat_is_refused():
         train_step(model, xs, lambda m, x: ((m.w * x).sum(), {"x_mean": x.mean()}), opt, None, max_grad_norm=0.0,
                    dist=ONE, count_fn=len)
     assert model.w.item() == 0.5
+
+
+def test_stats_stay_on_the_device_and_sum_in_float64_as_python_floats_did():
+    """The loss and stats are summed over micro-batches as float64 tensors and read back once per step; the numbers
+    are those of summing Python floats (float64) as before. float32 sums of 1e8 and 1 would round 1e8 + 1 to 1e8;
+    float64 keeps it. Micro-batches: loss sums 1e8 and 1 (float32), stat `big` given as a float32 tensor in one and a
+    Python int in the other, counts as tensor and int: loss = (1e8 + 1) / 2, big = (1e8 + 1) / (1 + 1)."""
+    model = nn.Linear(1, 1, bias=False)  # float32, weight 1: the loss sum is x
+    nn.init.ones_(model.weight)
+
+    def loss_fn(model, x):
+        value = model(x[:, None]).sum()
+        stat = x.sum() if x.numel() == 1 and float(x) > 1 else int(x.sum())
+        count = torch.tensor(1) if isinstance(stat, torch.Tensor) else 1
+        return value, {"big": (stat, count)}
+
+    mbs = [torch.tensor([1e8]), torch.tensor([1.0])]
+    out = train_step(model, mbs, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0), None, max_grad_norm=0.0, dist=ONE,
+                     count_fn=lambda mb: 1)
+    assert out["loss"] == (1e8 + 1) / 2 and out["big"] == (1e8 + 1) / 2

@@ -284,3 +284,15 @@ def test_every_command_runs_on_every_family(family_dir, arith_dir, senti_dir, tm
     assert main(command(name, cmd, family_dir(name), (arith_dir, senti_dir), out)) == 0
     if cmd != "generate":
         assert (out / "final").is_dir()
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_generation_stop_ids_keep_the_family_list_with_the_end_of_turn_first(family_dir, name):
+    """Llama 3 ships three stop ids in generation_config; loading for training makes the end-of-turn token the EOS
+    but keeps the others, so `generate` on the saved model stops where the released one did."""
+    fam = FAMILIES[name]
+    tok = load_tokenizer(family_dir(name))
+    model = load_causal_lm(family_dir(name), dtype="float32", device="cpu", tokenizer=tok)
+    stops = model.generation_config.eos_token_id
+    assert stops[0] == tok.convert_tokens_to_ids(fam.end_of_turn)
+    assert set(stops) == {tok.convert_tokens_to_ids(t) for t in fam.generation_eos}

@@ -198,8 +198,9 @@ def test_loss_variants_at_step_one(tiny_model, prefs_small, tmp_path, loss_type)
     """Policy == reference at step 1, so h = 0: ipo (0 - 1/(2 beta))^2 = 25 at beta 0.1; hinge relu(1 - 0) = 1;
     robust ((1-eps) log 2 - eps log 2) / (1 - 2 eps) = log 2 at any eps."""
     out = tmp_path / loss_type
+    smoothing = ["label_smoothing=0.1"] if loss_type == "robust" else []  # refused with ipo / hinge, which ignore it
     assert main(dpo_args(tiny_model, prefs_small / "train.jsonl", out, "max_steps=1", f"loss_type={loss_type}",
-                         "label_smoothing=0.1", "beta=0.1")) == 0
+                         *smoothing, "beta=0.1")) == 0
     expected = {"ipo": 25.0, "hinge": 1.0, "robust": math.log(2)}[loss_type]
     assert records(out, "loss")[0]["loss"] == pytest.approx(expected, rel=1e-4)
 
@@ -209,6 +210,75 @@ def test_loss_variants_at_step_one(tiny_model, prefs_small, tmp_path, loss_type)
 def test_bad_config_names_the_key(tiny_model, prefs_small, tmp_path, capsys, bad, key):
     assert main(dpo_args(tiny_model, prefs_small / "train.jsonl", tmp_path / "o", bad)) == 2
     assert key in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- reference-free losses
+
+
+def one_pair(path):
+    path.write_text(json.dumps({"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "I do not know."}) + "\n")
+    return path
+
+
+def _log_sig(x):
+    return -math.log1p(math.exp(-x))
+
+
+@pytest.mark.parametrize("loss_type, extra", [("simpo", ["beta=2.0", "simpo_gamma=0.5"]),
+                                              ("cpo", ["beta=0.1", "cpo_alpha=1.0"]), ("orpo", ["beta=0.1"])])
+def test_reference_free_step_one_by_hand(tiny_model, tmp_path, capsys, loss_type, extra):
+    """One pair, one step: the logged loss equals the loss_type's formula on the logged pieces —
+    simpo: -log sig(r_c - r_r - 0.5) with r = rewards/* (beta * mean log-prob); cpo: -log sig(r_c - r_r) +
+    1.0 * nll_loss; orpo: nll_loss - 0.1 * log_odds_ratio. And the run computes no reference pass."""
+    out = tmp_path / loss_type
+    assert main(dpo_args(tiny_model, one_pair(tmp_path / "one.jsonl"), out, "max_steps=1", f"loss_type={loss_type}",
+                         *extra)) == 0
+    assert "reference log-probs cached" not in capsys.readouterr().out
+    r = records(out, "loss")[0]
+    margin = r["rewards/chosen"] - r["rewards/rejected"]
+    expected = {"simpo": lambda: -_log_sig(margin - 0.5), "cpo": lambda: -_log_sig(margin) + r.get("nll_loss", 0),
+                "orpo": lambda: r.get("nll_loss", 0) - 0.1 * r.get("log_odds_ratio", 0)}[loss_type]()
+    assert r["loss"] == pytest.approx(expected, rel=1e-4)
+    assert r["logps/chosen"] < 0 and (out / "final" / "config.json").is_file()
+
+
+def test_reference_free_accumulation_4x1_equals_1x4(tiny_model, prefs_small, tmp_path):
+    """orpo (length-normalised, NLL term): 4 micro-batches of 1 pair == 1 of 4 in loss, metrics and weights."""
+    outs = {}
+    for name, batch, accum in (("a", 4, 1), ("b", 1, 4)):
+        outs[name] = tmp_path / name
+        assert main(dpo_args(tiny_model, prefs_small / "train.jsonl", outs[name], "max_steps=2", "loss_type=orpo",
+                             f"batch_size={batch}", f"grad_accum={accum}", "learning_rate=1e-3",
+                             "data.shuffle=false")) == 0
+    ra, rb = records(outs["a"], "loss"), records(outs["b"], "loss")
+    for a, b in zip(ra, rb, strict=True):
+        for key in ("loss", "nll_loss", "log_odds_ratio", "rewards/margins", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert_same_trained_weights(outs["a"] / "final" / "model.safetensors", outs["b"] / "final" / "model.safetensors")
+
+
+def test_a_paired_loss_on_a_row_without_rejected_names_file_row_and_field(tiny_model, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n"
+                    + json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    assert main(dpo_args(tiny_model, data, tmp_path / "o", "loss_type=simpo")) != 0
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "row 2" in err and "`rejected`" in err
+    assert not (tmp_path / "o" / "final").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo"])
+def test_reference_free_two_processes_equal_one(tiny_model, prefs_small, tmp_path, loss_type):
+    """2 gloo ranks x 4 pairs == 1 process x 8 pairs a step, for each reference-free loss."""
+    common = ["max_steps=2", "dtype=float32", "learning_rate=1e-3", f"loss_type={loss_type}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(dpo_args(tiny_model, prefs_small / "train.jsonl", one, *common)) == 0
+    run_two_processes(dpo_args(tiny_model, prefs_small / "train.jsonl", two, *common, "batch_size=4"))
+    for a, b in zip(records(one, "loss"), records(two, "loss"), strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert_same_trained_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ from posttrain.engine import read_metrics
 from posttrain.engine.dist import RolloutShare
 from posttrain.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from posttrain.models import token_logprobs
-from posttrain.recipes.ppo import Models, Prompts, build_ppo_optimizer, response_logprobs, rollout_and_score
+from posttrain.recipes.ppo import (Models, Prompts, advantages_for, build_ppo_optimizer, load_models, make_experience,
+                                   masked_kl, response_logprobs, rollout_and_score)
 from posttrain.rewards import build_reward
 from posttrain.rollout.sampler import Sampler
 from tests.recipes.multiproc import assert_same_trained_weights, run_two_processes
@@ -147,6 +148,8 @@ def test_a_response_without_eos_gets_the_penalty(tmp_path):
 
 @pytest.mark.parametrize("bad,key", [(["advantage_estimator=grpo", "rollout.samples_per_prompt=1"], "samples_per_prompt"),
                                      (["ref_ema=0.1", "lora.r=4"], "ref_ema"), (["kl_estimator=k4"], "kl_estimator"),
+                                     (["kl_coef=0", "ref_ema=0.1"], "ref_ema"),
+                                     (["kl_coef=0", "adaptive_kl_target=0.01"], "adaptive_kl_target"),
                                      (["rollout.batch_size=6", "rollout.samples_per_prompt=4"], "rollout.batch_size"),
                                      (["critic_init=reward"], "critic_init"), (["strategy=fsdp"], "`strategy` is not accepted"),
                                      (["advantage_estimator=gea"], "did you mean `gae`")])
@@ -263,3 +266,40 @@ def test_two_processes_equal_one(tiny_model, arith_dir, tmp_path):
         # the 2-process run resumed from its iteration-1 checkpoint (policy, critic, optimizer, KL state on each rank)
         b, c = load_file(two / "final" / part), load_file(resumed / "final" / part)
         assert c.keys() == b.keys() and all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_kl_coef_zero_loads_and_runs_no_reference_and_changes_no_number(tiny_model, arith_dir, tmp_path):
+    """kl_coef = 0: `load_models` keeps no reference copy, and `make_experience` never calls a reference (a forward
+    hook counts its calls: none, against some at kl_coef = 0.1). The advantages and returns are those of the KL terms
+    computed with a reference that differs from the policy and then weighted by 0 (-0 * kl_t = 0 in every per-token
+    reward), exactly. End to end, a GRPO run with kl_coef=0 trains and logs no `objective/kl`."""
+    tok = load_tokenizer(tiny_model)
+    cfg = PPOConfig(model=tiny_model, kl_coef=0.0, critic_init="policy", rollout=RolloutConfig(
+        batch_size=8, samples_per_prompt=2, max_new_tokens=6, temperature=1.0))
+    assert load_models(cfg, tok, torch.device("cpu")).ref is None
+    models = load_models(PPOConfig(model=tiny_model, critic_init="policy"), tok, torch.device("cpu"))
+    with torch.no_grad():
+        for w in models.ref.parameters():
+            w.add_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
+    calls = []
+    models.ref.register_forward_hook(lambda *args: calls.append(1))
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)["input_ids"] for q in ("1+2=", "30+4=", "5+6=", "7+80=")]
+    batch = Sampler(models.policy, tok, cfg.rollout).generate(prompts, num_samples=2,
+                                                              generator=torch.Generator().manual_seed(0))
+    scores, share = torch.linspace(-1, 1, 8), RolloutShare(4, 2, None)
+    exp, stats = make_experience(cfg, models, batch, scores, 0.0, None, share, sampled_logp=batch.logprobs)
+    assert calls == [] and exp.ref_logp is None and "objective/kl" not in stats
+    with_ref, _ = make_experience(cfg, models, batch, scores, 0.1, None, share, sampled_logp=batch.logprobs)
+    assert calls  # the same call with kl_coef = 0.1 runs the reference
+    kl = masked_kl(exp.old_logp, with_ref.ref_logp, exp.mask, cfg.kl_estimator)
+    assert float(kl.abs().sum()) > 0  # a reference that differs: the KL is there, and weighted by 0
+    adv, returns = advantages_for(cfg, scores, kl, exp.values, exp.mask, 0.0, share)
+    assert torch.equal(exp.advantages, adv) and torch.equal(exp.returns, returns)
+
+    out = tmp_path / "grpo0"
+    assert main(ppo_args(tiny_model, arith_dir, out, "kl_coef=0", "advantage_estimator=grpo",
+                         "rollout.samples_per_prompt=4")) == 0
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "objective/scores" in r]
+    assert len(rows) == 2 and not any("objective/kl" in r for r in rows)
+    assert all(r["objective/non_score_reward"] == 0 for r in rows)

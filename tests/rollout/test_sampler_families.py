@@ -177,3 +177,26 @@ def test_decoding_mask_shortcut_only_without_a_window(family, tok, prompts):
     step_mask = Sampler(model, tok)._mask_kind(padded=True)(torch.ones(2, 5, dtype=torch.long))
     sdpa = model.config._attn_implementation == "sdpa"
     assert step_mask.dim() == (4 if sdpa and family not in SLIDING else 2)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_shared_prefill_equals_one_prefill_per_row(family, tok, prompts):
+    """Four samples of each prompt at T=0.9 with top-p: prefilling each distinct prompt once and copying its KV cache
+    and last logits to the group's four rows gives exactly (torch.equal) the tokens and log-probs of prefilling every
+    row on its own, with the same uniforms: on Llama, and on the sliding-window Mistral (a 4-token window, shorter
+    than every prompt but one) and Gemma 2 (sliding / full layers, eager attention). Rows end at different steps, so
+    the copied cache is also compacted mid-generation."""
+    model = build_family_model(family, tok, prompts, seed=2)
+    cfg = RolloutConfig(max_new_tokens=10, temperature=0.9, top_p=0.95)
+    widths = []  # the batch size of each forward: the prefill's is the first
+    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: widths.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    run = lambda share: Sampler(model, tok, cfg, share_prefill=share).generate(  # noqa: E731
+        prompts, num_samples=4, generator=torch.Generator().manual_seed(5))
+    shared, n_shared = run(True), len(widths)
+    alone = run(False)
+    hook.remove()
+    assert (widths[0], widths[n_shared]) == (4, 16)  # one prefill row per prompt, against one per sample
+    assert torch.equal(shared.sequences, alone.sequences) and torch.equal(shared.logprobs, alone.logprobs)
+    lengths = shared.response_lengths().view(len(prompts), 4)
+    assert (lengths.max(1).values > lengths.min(1).values).any(), lengths  # a group's samples differ

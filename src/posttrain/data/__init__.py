@@ -32,6 +32,7 @@ from posttrain.data.formats import (
     RankingExample,
     RowError,
     TextExample,
+    UnpairedExample,
     detect_format,
     label_maps,
     load_examples,
@@ -49,6 +50,7 @@ from posttrain.data.tokenize import (
     tokenize_prompt,
     tokenize_ranking,
     tokenize_sft,
+    tokenize_unpaired,
 )
 
 __all__ = [
@@ -58,5 +60,5 @@ __all__ = [
     "collate_pairs", "collate_prompts", "collate_rankings", "collate_sft", "detect_format", "epoch_order",
     "label_maps", "load_examples", "load_rows", "normalize", "num_batches", "pack_sft", "positions_from_mask", "prompt_order",
     "render", "resolve_chat_template", "tokenize_classification", "tokenize_examples", "tokenize_preference",
-    "tokenize_prompt", "tokenize_ranking", "tokenize_sft", "train_eval_split",
+    "tokenize_prompt", "tokenize_ranking", "tokenize_sft", "tokenize_unpaired", "train_eval_split", "UnpairedExample",
 ]

@@ -14,6 +14,9 @@ Formats (`data.format`, or detected per row with `auto`):
   conversations and the prompt is their shared message prefix. K-way: `{"prompt", "ranking": [best, ..., worst]}`
   or `{"prompt", "responses": [...]}` (best first), or `responses` plus `ranking` as indices into it, best first.
 - `prompt`: `{"prompt"}` (string or messages) or `{"messages"}` ending in a user turn; other columns go to meta.
+- `unpaired`: `{"prompt", "completion", "label"}` (KTO; TRL's unpaired preference format): `label` true for a
+  desirable completion, false for an undesirable one (JSON booleans; a csv cell `true` / `false`). A preference row
+  read as this kind stays a pair; `posttrain kto` splits it into one true and one false completion.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "system": "system"}
-FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "text", "classification", "preference", "prompt")
-KINDS = ("sft", "classification", "preference", "prompt")
+FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "text", "classification", "preference", "prompt",
+           "unpaired")
+KINDS = ("sft", "classification", "preference", "prompt", "unpaired")
 # Which row formats can give which kind of example. SFT on preference rows trains on prompt + chosen (the
 # SFT-on-preferred stage that DPO benefits from, Rafailov et al. 2023 Sec. 4); prompts come from any
 # conversational row by dropping the final assistant reply.
@@ -40,6 +44,7 @@ KIND_FORMATS = {
     "classification": ("classification",),
     "preference": ("preference",),
     "prompt": ("prompt", "messages", "prompt_completion", "alpaca", "sharegpt", "preference"),
+    "unpaired": ("unpaired", "preference"),
 }
 
 
@@ -74,12 +79,20 @@ class RankingExample:
 
 
 @dataclass
+class UnpairedExample:
+    prompt: list[Message]
+    completion: list[Message]
+    desirable: bool
+
+
+@dataclass
 class PromptExample:
     prompt: list[Message]
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-Example = ChatExample | TextExample | ClassificationExample | PreferenceExample | RankingExample | PromptExample
+Example = (ChatExample | TextExample | ClassificationExample | PreferenceExample | RankingExample | PromptExample
+           | UnpairedExample)
 
 
 @dataclass
@@ -317,6 +330,16 @@ def _prompt(data: dict, fmt: str) -> PromptExample:
     return PromptExample(prompt, {k: v for k, v in data.items() if k not in used})
 
 
+def _unpaired(data: dict) -> UnpairedExample:
+    label = _require(data, "label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # csv cells are strings
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        raise RowError(f"label must be true or false (desirable or not), got {label!r}", "label", "wrong type")
+    prompt = _turns(data, "prompt", "user")
+    return UnpairedExample(prompt, _strip_prompt(prompt, _turns(data, "completion", "assistant"), "completion"), label)
+
+
 def detect_format(data: dict[str, Any], kind: str | None = None) -> str:
     """The row format from the columns present; with `kind`, the format that kind reads from such a row."""
     if not isinstance(data, dict):
@@ -326,6 +349,8 @@ def detect_format(data: dict[str, Any], kind: str | None = None) -> str:
         return "classification"
     if kind == "preference":
         return "preference"
+    if kind == "unpaired":
+        return "preference" if keys & {"chosen", "rejected"} else "unpaired"
     if keys & {"chosen", "rejected", "ranking", "responses"}:
         fmt = "preference"
     elif "messages" in keys:
@@ -359,6 +384,8 @@ def normalize(row: Row | dict[str, Any], kind: str, fmt: str = "auto") -> Exampl
         raise DataError(f"data.format {fmt!r} cannot give {kind} examples; use one of {', '.join(KIND_FORMATS[kind])}")
     if kind == "prompt":
         return _prompt(data, fmt)
+    if fmt == "unpaired":
+        return _unpaired(data)
     if fmt == "classification":
         label = _require(data, "label")
         if isinstance(label, bool) or not isinstance(label, (str, int)):

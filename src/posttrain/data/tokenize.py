@@ -23,6 +23,7 @@ from posttrain.data.formats import (
     PreferenceExample,
     RankingExample,
     TextExample,
+    UnpairedExample,
 )
 from posttrain.errors import DataError
 
@@ -206,6 +207,16 @@ def tokenize_preference(tok: Any, ex: PreferenceExample, max_length: int) -> dic
             "truncated": truncated}
 
 
+def tokenize_unpaired(tok: Any, ex: UnpairedExample, max_length: int) -> dict | None:
+    """`{"prompt_ids", "completion_ids", "desirable", "truncated"}`, truncated like a preference pair."""
+    prompt = tokenize_prompt(tok, ex.prompt)
+    cut = _truncate_prompt_completions(prompt, [_completion_ids(tok, ex.prompt, ex.completion)], max_length)
+    if cut is None:
+        return None
+    prompt, (completion,), truncated = cut
+    return {"prompt_ids": prompt, "completion_ids": completion, "desirable": ex.desirable, "truncated": truncated}
+
+
 def tokenize_ranking(tok: Any, ex: RankingExample, max_length: int) -> dict | None:
     """`{"prompt_ids", "response_ids" (best first), "truncated"}`, truncated like a preference pair."""
     prompt = tokenize_prompt(tok, ex.prompt)
@@ -238,6 +249,8 @@ def tokenize_examples(tok: Any, examples: list[Example], *, max_length: int, sta
             item = tokenize_preference(tok, ex, max_length)
         elif isinstance(ex, RankingExample):
             item = tokenize_ranking(tok, ex, max_length)
+        elif isinstance(ex, UnpairedExample):
+            item = tokenize_unpaired(tok, ex, max_length)
         elif isinstance(ex, ClassificationExample):
             if label2id is None:
                 raise DataError("classification examples need a label2id map")

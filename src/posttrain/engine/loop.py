@@ -153,13 +153,16 @@ def fit(
     scaler: torch.amp.GradScaler | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     checkpoint: Callable[[int], None] | None = None,
+    prepare: Callable[[nn.Module, list[Any]], list[Any]] | None = None,
 ) -> FitResult:
     """Take optimizer steps ``loop.start_step + 1 .. loop.total_steps`` over ``items`` (module doc).
 
     ``log(metrics, step=, epoch=)`` every ``loop.log_every`` steps (the step's metrics plus ``tokens_per_second``,
     non-padding tokens over the ranks per second since the last log); ``evaluate(model)`` under no_grad before the
     first step of a fresh run, every ``loop.eval_every`` steps (0: once per epoch) and at the end, logged with the
-    ``eval_`` names it returns."""
+    ``eval_`` names it returns. ``prepare(model, micro_batches) -> micro_batches`` runs under no_grad (and autocast)
+    before each step, for a statistic of the step's whole batch that every micro-batch's loss needs (KTO's KL
+    reference point)."""
     per_epoch = plan.steps_per_epoch
     eval_every = loop.eval_every or per_epoch
     steps = Steps(loop, dist, checkpoint)
@@ -179,6 +182,9 @@ def fit(
     for step in steps:
         micro = [collate(g) for g in plan.micro_batches(items, dist, step)]
         model.train()
+        if prepare is not None:
+            with torch.no_grad(), autocast(autocast_dtype, dist.device):
+                micro = prepare(model, micro)
         metrics = train_step(model, micro, loss_fn, optimizer, scheduler, max_grad_norm=max_grad_norm, dist=dist,
                              count_fn=count_fn, autocast_dtype=autocast_dtype, scaler=scaler, step=step)
         window_tokens += sum(tokens_fn(b) for b in micro) * dist.world_size

@@ -46,8 +46,10 @@ def _sum_and_stats(out: Any) -> tuple[torch.Tensor, dict[str, tuple[Any, Any]]]:
     return out[0], dict(out[1])
 
 
-def _scalar(x: torch.Tensor | float) -> float:
-    return float(x.detach().double().sum()) if isinstance(x, torch.Tensor) else float(x)
+def _total(x: torch.Tensor | float) -> torch.Tensor | float:
+    """A stat's sum in float64, left on its device: read back once per step, with the loss (no host sync per
+    micro-batch, which on a GPU would stall the queue of kernels each time)."""
+    return x.detach().double().sum() if isinstance(x, torch.Tensor) else float(x)
 
 
 def train_step(
@@ -91,9 +93,9 @@ def train_step(
     # R / D: the ranks' gradient averaging divides by R again (module doc).
     scale = dist.world_size / max(denominator, 1.0)
 
-    loss_total = 0.0
-    stat_sums: dict[str, float] = {}
-    stat_counts: dict[str, float] = {}
+    loss_total: torch.Tensor | float = 0.0
+    stat_sums: dict[str, torch.Tensor | float] = {}
+    stat_counts: dict[str, torch.Tensor | float] = {}
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with gradient_sync(model, enabled=last):
@@ -109,15 +111,16 @@ def train_step(
                 loss_sum = loss_sum.float()
             scaled = loss_sum * scale
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_total += float(loss_sum.detach())
+        loss_total = loss_total + _total(loss_sum)
         for name, (s, c) in stats.items():
-            stat_sums[name] = stat_sums.get(name, 0.0) + _scalar(s)
-            stat_counts[name] = stat_counts.get(name, 0.0) + _scalar(c)
+            stat_sums[name] = stat_sums.get(name, 0.0) + _total(s)
+            stat_counts[name] = stat_counts.get(name, 0.0) + _total(c)
 
-    # One collective for the loss and every stat (sums, then counts).
+    # One collective and one read-back for the loss and every stat (sums, then counts).
     names = sorted(stat_sums)
     packed = [loss_total] + [stat_sums[n] for n in names] + [stat_counts[n] for n in names]
-    reduced = all_reduce_sum(torch.tensor(packed, dtype=torch.float64, device=device)).tolist()
+    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in packed])
+    reduced = all_reduce_sum(packed).tolist()
     loss = reduced[0] / max(denominator, 1.0)
     metrics: dict[str, float] = {}
     for k, n in enumerate(names):

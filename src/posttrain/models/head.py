@@ -93,6 +93,9 @@ def _agrees(model: nn.Module, head: LogitHead) -> bool:
     hidden = caught[-1] if caught else out.hidden_states[-1]  # (1, n, D)
     if getattr(out, "logits", None) is None or out.logits.shape[-1] != vocab:
         return False
+    # read again after the forward: under FSDP2 the weight read before it is a shard (a DTensor), and the root
+    # module's parameters stay gathered after its forward
+    weight = _output_weight(model)
     ours = apply_head((hidden @ weight.T).float(), head)  # (1, n, V)
     theirs = out.logits.float()
     tol = _CHECK_TOLERANCE.get(out.logits.dtype, _HALF_TOLERANCE)

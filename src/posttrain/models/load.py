@@ -286,7 +286,11 @@ def _finish(model, tokenizer, device, gradient_checkpointing: bool):
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.pad_token_id = tokenizer.pad_token_id
-            gen.eos_token_id = tokenizer.eos_token_id
+            # The end-of-turn token first; stop ids the folder already lists (Llama 3: <|end_of_text|>, <|eom_id|>)
+            # stay, so `generate` on the saved model stops where the original did.
+            listed = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+            stops = [tokenizer.eos_token_id] + [i for i in listed if i is not None and i != tokenizer.eos_token_id]
+            gen.eos_token_id = stops if len(stops) > 1 else stops[0]
     if gradient_checkpointing:
         # Non-reentrant checkpointing of every GradientCheckpointingLayer: each layer's call keeps its input and
         # keyword arguments and runs again in the backward pass, so a packed batch's per-sequence attention

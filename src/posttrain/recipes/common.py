@@ -89,9 +89,10 @@ def resume_step(run: RunContext, cfg: Any, state: nn.Module, optimizer=None, sch
 
 def train(run: RunContext, cfg: Any, model: nn.Module, optimizer, scheduler, items: list, *, collate: Callable,
           loss_fn: Callable, count_fn: Callable, tokens_fn: Callable, evaluate: Callable | None = None,
-          tokenizer: Any = None) -> FitResult:
+          tokenizer: Any = None, prepare: Callable | None = None) -> FitResult:
     """`engine.loop.fit` over `items` with this command's settings: `max_steps` / `num_epochs`, `batch_size`,
-    `grad_accum`, `seed`, `data.shuffle`, `max_grad_norm`, `dtype`, `logging.*`, `save.steps` and `resume`."""
+    `grad_accum`, `seed`, `data.shuffle`, `max_grad_norm`, `dtype`, `logging.*`, `save.steps` and `resume`
+    (`prepare`: `fit`'s no-grad pass over each step's micro-batches)."""
     world = run.dist.world_size
     amp = autocast_dtype(cfg, run.device)
     scaler = grad_scaler(amp, run.device)
@@ -112,7 +113,7 @@ def train(run: RunContext, cfg: Any, model: nn.Module, optimizer, scheduler, ite
     return fit(model, optimizer, scheduler, items, loop=loop, plan=plan, dist=run.dist, collate=collate,
                loss_fn=loss_fn, count_fn=count_fn, tokens_fn=tokens_fn, log=run.logger.log,
                max_grad_norm=float(cfg.max_grad_norm), autocast_dtype=amp, scaler=scaler,
-               evaluate=evaluate, checkpoint=checkpoint)
+               evaluate=evaluate, checkpoint=checkpoint, prepare=prepare)
 
 
 def save_final(run: RunContext, cfg: Any, model: nn.Module, tok: Any, *, extra: Callable[[Path], None] | None = None,

@@ -20,6 +20,10 @@ The reference pi_ref is `ref_model` or, by default, the policy's starting weight
 - ``precompute_ref: false``: a frozen reference model in memory — `ref_model`, or a copy of the starting
   policy; with LoRA no copy: the policy itself with its adapter disabled (`models.reference_context`).
 
+Reference-free losses (`loss_type` simpo, cpo, orpo; `losses/dpo.py`) score a pair from the policy's own
+log-probs: such a run loads no reference model and runs no reference pass (`ref_model` and `precompute_ref` are
+refused by the config). simpo and orpo use length-normalised log-probs (sum / completion tokens), as does ipo.
+
 Departures from the textbook:
 - ``sft_weight`` > 0 adds sft_weight * NLL(y_w) (the "SFT + DPO" / RPO mix). The NLL is PER PAIR: the token mean
   of the chosen completion's negative log-likelihood, so that the whole loss is one mean over pairs.
@@ -49,7 +53,7 @@ from posttrain.data.collate import shared_pair_length
 from posttrain.engine import autocast, autocast_dtype, contiguous_share, setup_run
 from posttrain.engine.dist import EvalShare, gather_lists
 from posttrain.eval.health import print_health
-from posttrain.losses.dpo import dpo_loss
+from posttrain.losses.dpo import REFERENCE_FREE_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context,
                               takes_custom_mask, token_logprobs, token_logprobs_at)
 from posttrain.models.forward import attention_name
@@ -153,16 +157,40 @@ def collate_dpo(pad_id: int, device, pairs=collate_pairs) -> Callable[[list[dict
     return collate
 
 
+def reference_free(cfg) -> bool:
+    return cfg.loss_type in REFERENCE_FREE_LOSS_TYPES
+
+
+def pair_loss(cfg, logps: torch.Tensor, n_tokens: torch.Tensor, ref: torch.Tensor | None):
+    """`loss_type`'s per-pair loss (B,) and stats from (2B,) sequence log-probs and token counts, chosen then
+    rejected, and the (2B,) reference log-probs (None for a reference-free loss)."""
+    b = logps.shape[0] // 2
+    chosen, rejected, n_chosen, n_rejected = logps[:b], logps[b:], n_tokens[:b], n_tokens[b:]
+    if cfg.loss_type == "simpo":
+        return simpo_loss(chosen, rejected, n_chosen, n_rejected, beta=cfg.beta, gamma=cfg.simpo_gamma,
+                          label_smoothing=cfg.label_smoothing)
+    if cfg.loss_type == "cpo":
+        return cpo_loss(chosen, rejected, n_chosen, beta=cfg.beta, alpha=cfg.cpo_alpha,
+                        label_smoothing=cfg.label_smoothing)
+    if cfg.loss_type == "orpo":
+        return orpo_loss(chosen, rejected, n_chosen, n_rejected, beta=cfg.beta)
+    ref = ref.to(logps.dtype)
+    return dpo_loss(chosen, rejected, ref[:b], ref[b:], beta=cfg.beta, loss_type=cfg.loss_type,
+                    label_smoothing=cfg.label_smoothing, chosen_tokens=n_chosen, rejected_tokens=n_rejected)
+
+
 def dpo_objective(cfg: DPOConfig, reference: Reference | None = None):
     """`loss_fn(model, batch) -> (sum of per-pair losses, stats as sums over pairs)` for `engine.train_step`.
 
-    The reference log-probs come from the batch when cached, else from `reference`."""
+    The reference log-probs come from the batch when cached, else from `reference`; a reference-free loss uses
+    none."""
     def loss_fn(model, batch: DPOBatch):
         b = batch.num_pairs
         logps, n_tokens = completion_logps(model, batch.pairs)  # (2B,), (2B,)
-        ref = batch.ref_logps if batch.ref_logps is not None else reference(batch.pairs)  # (2B,)
-        per_pair, stats = dpo_loss(logps[:b], logps[b:], ref[:b].to(logps.dtype), ref[b:].to(logps.dtype),
-                                   beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)  # (B,)
+        ref = None
+        if not reference_free(cfg):
+            ref = batch.ref_logps if batch.ref_logps is not None else reference(batch.pairs)  # (2B,)
+        per_pair, stats = pair_loss(cfg, logps, n_tokens, ref)  # (B,)
         if cfg.sft_weight:
             nll = -logps[:b] / n_tokens[:b].clamp(min=1)  # (B,) token-mean NLL of each chosen completion
             per_pair = per_pair + cfg.sft_weight * nll
@@ -198,6 +226,11 @@ def check_config(cfg: DPOConfig) -> None:
         raise ConfigError(f"`label_smoothing` must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.sft_weight < 0:
         raise ConfigError(f"`sft_weight` must be >= 0, got {cfg.sft_weight}")
+    if reference_free(cfg) and cfg.ref_model:
+        raise ConfigError(f"`ref_model` does not apply with loss_type={cfg.loss_type}: a reference-free loss uses no "
+                          "reference model")
+    if getattr(cfg, "cpo_alpha", 0.0) < 0:
+        raise ConfigError(f"`cpo_alpha` must be >= 0, got {cfg.cpo_alpha}")
 
 
 # --------------------------------------------------------------------------- recipe
@@ -214,11 +247,12 @@ def main(cfg: DPOConfig) -> dict:
         keep_float32=keep_float32, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code))
     model = load(cfg.model, cfg.lora.r <= 0)  # a LoRA base stays frozen in the compute dtype
     ref_model = load(cfg.ref_model, True).requires_grad_(False).eval() if cfg.ref_model else None
+    needs_reference = not reference_free(cfg)
     if not takes_custom_mask(model) and run.dist.is_main:
         print(f"pairs: {attention_name(model)} attention (or a sliding window) takes no shared-prompt mask, so each "
               "pair is two rows (the prompt runs once per completion)", flush=True)
 
-    if cfg.precompute_ref:
+    if needs_reference and cfg.precompute_ref:
         t0 = time.perf_counter()
         # the policy before training (and before LoRA) is the starting weights, i.e. the LoRA base; twice the
         # training rows a forward: no activations are kept for a backward
@@ -230,13 +264,13 @@ def main(cfg: DPOConfig) -> dict:
             print(f"reference log-probs cached for {len(data.train) + len(data.eval)} pairs in "
                   f"{time.perf_counter() - t0:.1f} s",
                   flush=True)
-    elif ref_model is None and cfg.lora.r <= 0:
+    elif needs_reference and ref_model is None and cfg.lora.r <= 0:
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()
 
     run.logger.log(data.summary, step=0)
     model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type="causal_lm", n_items=len(data.train))
     reference = None
-    if not cfg.precompute_ref:
+    if needs_reference and not cfg.precompute_ref:
         reference = frozen_reference(ref_model) if ref_model is not None else adapter_free_reference(model)
     collate = collate_dpo(pad_id, device, pair_collate(model))
     loss_fn = dpo_objective(cfg, reference)

@@ -11,8 +11,9 @@ One iteration = ``rollout.batch_size`` episodes; ``total_episodes // rollout.bat
    over the batch (std only, the mean is kept so a reward's sign survives — Huang et al.).
 3. Experience, no grad, one pass of each model over the whole batch: old log-probs of the policy and
    reference log-probs, both at the sampling temperature (logits / T, as the loss); values from the
-   critic. The old log-probs are the sampler's own (same weights and temperature, dropout off; its KV-cached
-   forward agrees with a recomputation to ~1e-6), so the policy is not run again; under autocast, where the
+   critic (no reference at all when ``kl_coef`` is 0: the objective never reads it, so neither its copy nor its
+   pass exists, and ``objective/kl`` is not logged). The old log-probs are the sampler's own (same weights and
+   temperature, dropout off; its KV-cached forward agrees with a recomputation to ~1e-6), so the policy is not run again; under autocast, where the
    loss's precision differs from the sampler's, they are recomputed in that one pass instead. Per-token KL estimate (``kl_estimator``); per-token reward = -kl_coef * kl_t plus the score
    at the last response token.
 4. Advantages (``advantage_estimator``):
@@ -98,6 +99,10 @@ def check_config(cfg: PPOConfig) -> None:
         raise ConfigError(f"`ref_ema` must be in [0, 1], got {cfg.ref_ema}")
     if cfg.ref_ema > 0 and cfg.lora.r > 0:
         raise ConfigError("`ref_ema` needs full fine-tuning: with LoRA the reference is the frozen base model")
+    if cfg.kl_coef == 0 and (cfg.ref_ema > 0 or cfg.adaptive_kl_target > 0):
+        key = "ref_ema" if cfg.ref_ema > 0 else "adaptive_kl_target"
+        raise ConfigError(f"`{key}` acts on the KL penalty, which `kl_coef: 0` turns off (no reference is used); "
+                          f"set kl_coef > 0 or unset {key}")
 
 
 def check_world(cfg: PPOConfig, world: int) -> None:
@@ -113,7 +118,7 @@ def check_world(cfg: PPOConfig, world: int) -> None:
 @dataclass
 class Models:
     policy: nn.Module
-    ref: nn.Module | None  # None: the LoRA policy with its adapter disabled
+    ref: nn.Module | None  # None: the LoRA policy with its adapter disabled, or no reference (kl_coef 0)
     critic: nn.Module | None  # None: a critic-free estimator
 
 
@@ -123,7 +128,7 @@ def load_models(cfg: PPOConfig, tok, device) -> Models:
                                             gradient_checkpointing=cfg.gradient_checkpointing,
                                             keep_float32=cfg.lora.r <= 0, **keys))  # the EMA reference is a float32 copy
     ref = None
-    if cfg.lora.r <= 0:
+    if cfg.lora.r <= 0 and cfg.kl_coef != 0:
         ref = copy.deepcopy(policy).requires_grad_(False).eval()
     policy = apply_lora(apply_freeze(policy, cfg.freeze), cfg.lora, "causal_lm")
     critic = None
@@ -165,7 +170,8 @@ class Experience:
     """One scored rollout batch. N sequences, P = prompt width, R = response width.
 
     sequences, attention_mask, position_ids: (N, P+R); mask: (N, R) bool, response tokens through EOS;
-    old_logp, ref_logp, advantages: (N, R); values, returns: (N, R), or None without a critic.
+    old_logp, ref_logp, advantages: (N, R); values, returns: (N, R), or None without a critic; ref_logp None when
+    kl_coef is 0.
     """
 
     sequences: torch.Tensor
@@ -174,7 +180,7 @@ class Experience:
     prompt_width: int
     mask: torch.Tensor
     old_logp: torch.Tensor
-    ref_logp: torch.Tensor
+    ref_logp: torch.Tensor | None
     advantages: torch.Tensor
     values: torch.Tensor | None
     returns: torch.Tensor | None
@@ -228,24 +234,27 @@ def make_experience(cfg: PPOConfig, models: Models, batch, scores, kl_coef: floa
                     sampled_logp: torch.Tensor | None = None) -> tuple[Experience, dict]:
     """Old / reference log-probs and values in one no-grad pass each (under the loss's autocast, so the
     first ratio is 1); per-token KL; advantages. `sampled_logp` (N, R): the sampler's log-probs, used as the
-    old log-probs instead of a policy pass (module doc, step 3). Whitening and stats are the batch's (`share`)."""
+    old log-probs instead of a policy pass (module doc, step 3). `kl_coef` 0: no reference pass, the KL terms are 0.
+    Whitening and stats are the batch's (`share`)."""
     seqs, attn, pos, p = batch.sequences, batch.attention_mask, batch.position_ids(), batch.prompt_width
     mask, temp = batch.response_mask.bool(), cfg.rollout.temperature  # (N, R)
     cast = torch.autocast(seqs.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with cast:
         old_logp = sampled_logp if sampled_logp is not None else response_logprobs(models.policy, seqs, attn, pos, p, temp)
-        if models.ref is not None:
+        if kl_coef == 0:
+            ref_logp = None
+        elif models.ref is not None:
             ref_logp = response_logprobs(models.ref, seqs, attn, pos, p, temp)
         else:
             with reference_context(models.policy) as base:
                 ref_logp = response_logprobs(base, seqs, attn, pos, p, temp)
         values = response_values(models.critic, seqs, attn, pos, p) if models.critic is not None else None
-    kl = masked_kl(old_logp, ref_logp, mask, cfg.kl_estimator)  # (N, R)
+    kl = masked_kl(old_logp, ref_logp, mask, cfg.kl_estimator) if ref_logp is not None else torch.zeros_like(old_logp)
     adv, returns = advantages_for(cfg, scores, kl, values, mask, kl_coef, share)
     zero = torch.zeros_like(old_logp)
     non_score = (-kl_coef * kl).sum(1)  # (N,)
     stats = {
-        "objective/kl": float(kl.sum(1).mean()),
+        **({"objective/kl": float(kl.sum(1).mean())} if ref_logp is not None else {}),
         "objective/entropy": float(torch.where(mask, -old_logp, zero).sum(1).mean()),
         "objective/non_score_reward": float(non_score.mean()),
         "objective/rlhf_reward": float((scores + non_score).mean()),
@@ -291,7 +300,7 @@ def ppo_loss_fn(cfg: PPOConfig, kl_coef: float):
         args = (mb.sequences, mb.attention_mask, mb.position_ids, mb.prompt_width)
         logp = response_logprobs(model["policy"], *args, cfg.rollout.temperature)  # (n, R)
         loss, stats = policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, cfg.clip_range)  # (n, R)
-        if cfg.advantage_estimator == "grpo":  # Shao et al. 2024 eq. 3: the KL in the loss, not the reward
+        if cfg.advantage_estimator == "grpo" and kl_coef != 0:  # Shao et al. 2024 eq. 3: the KL in the loss
             loss = loss + kl_coef * masked_kl(logp, mb.ref_logp, mb.mask, "k3")
         if "critic" in model:
             values = response_values(model["critic"], *args)  # (n, R)
@@ -340,7 +349,7 @@ def evaluate(cfg, sampler, tok, task, held_out: Prompts, iteration: int, dist: D
 def log_iteration(run, cfg: PPOConfig, iterations: Steps, iteration: int, metrics: dict, samples: list) -> dict:
     """metrics.jsonl and samples.jsonl every iteration; a progress line every `log_every` (logging.steps)."""
     record = run.logger.log(metrics, step=iteration)
-    iterations.show(score=metrics["objective/scores"], kl=metrics["objective/kl"])
+    iterations.show(score=metrics["objective/scores"], kl=metrics.get("objective/kl"))
     if run.dist.is_main:
         with open(run.output_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             for sample in samples:
@@ -407,7 +416,7 @@ def main(cfg: PPOConfig) -> dict:
         t1 = time.perf_counter()
         train_stats = ppo_update(cfg, run, trainable, models, exp, optimizer, scheduler, kl_ctl.value, generator, share,
                                  scaler)
-        kl_ctl.update(exp_stats["objective/kl"], cfg.rollout.batch_size)
+        kl_ctl.update(exp_stats.get("objective/kl", 0.0), cfg.rollout.batch_size)
         metrics = {**stats, **exp_stats, **train_stats, "rollout/seconds": t1 - t0,
                    "train/seconds": time.perf_counter() - t1, "episodes": iteration * cfg.rollout.batch_size}
         if task is not None and iterations.due(cfg.eval_every, iteration):

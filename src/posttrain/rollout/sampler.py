@@ -13,6 +13,11 @@ step from the cache), with three details that matter for RL on language models
   from the batch and from the KV cache (``DynamicCache.batch_select_indices``), so they stop
   costing compute; the removal waits until a quarter of the batch is done, because the
   cache copy costs about one decoding step.
+- A group of samples of one prompt (``num_samples`` > 1: GRPO / RLOO groups, online DPO's samples per prompt)
+  shares one prefill: each distinct prompt runs through the model once and its KV cache and last logits are
+  copied to the group's rows (``batch_select_indices`` with repeated indices), so the prefill costs 1/num_samples
+  of the unshared one. The copies are the very tensors a row's own prefill computes, so the samples and log-probs
+  are those of the unshared path (tests/rollout/test_sampler_families.py).
 
 Randomness: each step draws one uniform per row of the *full* chunk (finished rows included)
 and samples by inverting the row's CDF. A row's tokens therefore depend only on the
@@ -174,12 +179,14 @@ class Sampler:
     ``generate`` puts the model in eval mode under inference_mode and restores its previous mode.
     ``rollout_cfg.temperature <= 0`` means greedy decoding. Log-probs are always taken at
     ``rollout_cfg.temperature`` (at 1 when it is <= 0), greedy or not. ``drop_finished=False`` keeps
-    finished rows in the batch (same samples, more compute; kept for the tests that prove it). ``amp``: the
-    autocast dtype the forwards run under (a training run's `engine.autocast_dtype`; its weights are float32).
+    finished rows in the batch (same samples, more compute; kept for the tests that prove it), and
+    ``share_prefill=False`` prefills every row of a group on its own (same samples, more compute; module doc).
+    ``amp``: the autocast dtype the forwards run under (a training run's `engine.autocast_dtype`; its weights are
+    float32).
     """
 
     def __init__(self, model, tokenizer, rollout_cfg: RolloutConfig | None = None, *, drop_finished: bool = True,
-                 amp: torch.dtype | None = None):
+                 amp: torch.dtype | None = None, share_prefill: bool = True):
         self.model = model
         self.amp = amp
         self.cfg = rollout_cfg or RolloutConfig()
@@ -188,6 +195,7 @@ class Sampler:
         if self.eos_id is None or self.pad_id is None or self.eos_id == self.pad_id:
             raise ValueError(f"the tokenizer needs an EOS and a different pad token (eos={self.eos_id}, pad={self.pad_id})")
         self.drop_finished = drop_finished
+        self.share_prefill = share_prefill
 
     def sync_weights(self, model) -> None:
         """The HF sampler samples from the live model object, so syncing is just pointing at it."""
@@ -262,13 +270,19 @@ class Sampler:
         """One chunk's responses and log-probs. `draw` = (offset, total): take uniforms offset.. of `total` a step."""
         cfg, device = self.cfg, self._device
         b, p = len(rows), max(len(x) for x in rows)
-        input_ids = torch.full((b, p), self.pad_id, dtype=torch.long, device=device)
-        attn = torch.zeros((b, p), dtype=torch.long, device=device)
-        for i, x in enumerate(rows):
+        # rows are prompt-major: a run of equal rows is one prompt's group, prefilled once (module doc)
+        group = [0] * b  # group[i]: the distinct prompt row i answers
+        distinct = [rows[0]]
+        for i in range(1, b):
+            if not (self.share_prefill and rows[i] == rows[i - 1]):
+                distinct.append(rows[i])
+            group[i] = len(distinct) - 1
+        input_ids = torch.full((len(distinct), p), self.pad_id, dtype=torch.long, device=device)
+        attn = torch.zeros((len(distinct), p), dtype=torch.long, device=device)
+        for i, x in enumerate(distinct):
             input_ids[i, p - len(x):] = torch.tensor(x, dtype=torch.long, device=device)
             attn[i, p - len(x):] = 1
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, P) positions over real tokens only
-        next_pos = attn.sum(-1)  # (B,) position of the next token
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # (G, P) positions over real tokens only
         temp = cfg.temperature if cfg.temperature > 0 else 1.0
 
         tokens = torch.full((b, cfg.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
@@ -277,7 +291,12 @@ class Sampler:
         active = torch.arange(b, device=device)  # (A,) chunk rows still in the batch
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(input_ids, attn, position_ids, cache)  # (B, V)
+        logits = self._forward(input_ids, attn, position_ids, cache)  # (G, V), one row per distinct prompt
+        if len(distinct) < b:
+            expand = torch.tensor(group, dtype=torch.long, device=device)  # (B,)
+            cache.batch_select_indices(expand)
+            logits, attn = logits[expand], attn[expand]  # (B, V), (B, P)
+        next_pos = attn.sum(-1)  # (B,) position of the next token
         # A decoding step's query sees every cached position, so its SDPA mask is the padding mask alone: built here
         # as (A, 1, 1, L) bool, it spares transformers' mask construction on every step (the same boolean mask it
         # would build; without left padding it builds none, and neither does this). Sliding-window models get the
