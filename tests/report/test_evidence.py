@@ -69,7 +69,7 @@ def test_claims_from_seed_folders(seeds):
     assert rows["PPO with advantage normalisation beats PPO without"][4] == "not run"
     # ppo-rm: gold -0.1 on three prompts and -0.05 - 0.01 s on the fourth; the RM score rose 0.1 -> 0.9
     over = rows["PPO on a learned reward model over-optimises it (proxy up, gold down)"]
-    assert over[5] == "reproduced" and "reward-model score +0.8 ± 0.0" in over[4]
+    assert over[5] == "reproduced" and "reward-model score +0.80 ± 0.00" in over[4]
     mass = rows["DPO moves probability to responses outside the preference data"]
     assert mass[3].per_seed == pytest.approx([-0.5, -0.4, -0.6]) and mass[5] == "reproduced"
 

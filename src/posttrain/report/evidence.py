@@ -113,9 +113,9 @@ class Effect:
                 "not reproduced (the opposite)" if sign * self.value < -margin else "within noise")
         return word + (" (one seed: indicative)" if len(self.per_seed) == 1 else "")
 
-    def shown(self, scale: float = 100.0, unit: str = " points") -> str:
-        se = "n/a" if math.isnan(self.se) else f"{scale * self.se:.1f}"
-        return f"{scale * self.value:+.1f} ± {se}{unit}"
+    def shown(self, scale: float = 100.0, unit: str = " points", digits: int = 1) -> str:
+        se = "n/a" if math.isnan(self.se) else f"{scale * self.se:.{digits}f}"
+        return f"{scale * self.value:+.{digits}f} ± {se}{unit}"
 
 
 def combine(per_seed: list[tuple[float, float]], blocked: list[str] = ()) -> Effect | None:
@@ -210,8 +210,8 @@ def claims(seeds: list[Seed], key: str, what: str) -> list[tuple[str, str, str, 
     """(claim, source, how it is measured, effect, effect shown, verdict) for every claim the demo can test."""
     rows = []
 
-    def add(claim, source, how, effect, sign=1, scale=100.0, unit=" points", note=""):
-        shown = (effect.shown(scale, unit) + note) if effect else "not run"
+    def add(claim, source, how, effect, sign=1, scale=100.0, unit=" points", note="", digits=1):
+        shown = (effect.shown(scale, unit, digits) + note) if effect else "not run"
         verdict = effect.verdict(sign) if effect else "not measured"
         if effect and effect.blocked:
             verdict += ": " + "; ".join(effect.blocked)
@@ -231,7 +231,7 @@ def claims(seeds: list[Seed], key: str, what: str) -> list[tuple[str, str, str, 
     proxy = metric_effect(seeds, [(s.seed, s.evals["ppo-rm"]["reward"] - s.evals["sft"]["reward"]) for s in seeds
                                   if _num(s.evals.get("ppo-rm", {}).get("reward"))
                                   and _num(s.evals.get("sft", {}).get("reward"))])
-    note = f"; reward-model score {proxy.shown(1.0, '')}" if proxy else ""
+    note = f"; reward-model score {proxy.shown(1.0, '', 2)}" if proxy else ""
     add("PPO on a learned reward model over-optimises it (proxy up, gold down)", "seed; Gao et al. 2023",
         f"ppo-rm − sft, {what} (claim: below 0 while the RM score rises)", gold, sign=-1, note=note)
     if gold and proxy and proxy.value <= 0 and not gold.blocked:  # gold fell without the proxy rising: not that
@@ -246,7 +246,7 @@ def claims(seeds: list[Seed], key: str, what: str) -> list[tuple[str, str, str, 
     add("DPO moves probability to responses outside the preference data", "Xu et al. 2024, Table 1 / Thm 4.1",
         "dpo: log π(y_w)/π_ref(y_w) of the chosen responses at the end of training (nats; below 0: even the "
         "preferred response lost mass, so the pair's mass went elsewhere)", metric_effect(seeds, chosen),
-        sign=-1, scale=1.0, unit=" nats")
+        sign=-1, scale=1.0, unit=" nats", digits=3)
     add("Training the top layers with the new head beats the head alone", "seed (transfer learning, SFT section)",
         "classification on sentiment: top 2 blocks + head − head only, held-out accuracy",
         classify_effect(seeds, "top2", "head"))
