@@ -31,7 +31,7 @@ python -c "import posttrain, sys; sys.exit(not posttrain.__file__.startswith('$w
 posttrain examples | grep -q "examples/ppo_tiny.yaml"
 posttrain examples copied && test -f copied/demo/sentiment/rm.yaml
 posttrain demo --quick
-test -s runs/demo/report.md
+test -s runs/demo/report.md && grep -q "Claims of the background paper" runs/demo/report.md
 
 posttrain tiny-model runs/tiny
 posttrain sft examples/sft_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0

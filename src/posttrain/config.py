@@ -609,7 +609,9 @@ class DemoConfig:
     task: DemoTask = opt("arithmetic", "arithmetic or sentiment")
     quick: bool = opt(False, "the same pipeline in under two minutes (for tests)")
     ablation: bool = opt(False, "run the Xu et al. Table 3 PPO ablation instead")
-    seed: int = opt(0, "seed for every stage")
+    seed: int = opt(0, "seed for every stage (the first seed with --seeds N)")
+    seeds: int = opt(1, "run every stage once per seed (seed, seed+1, ...; folders seed-S/) and judge each "
+                        "difference by its spread over seeds; the full demo's setting is 3 or more")
     force: bool = opt(False, "re-run every stage, even those whose output (final/, eval.json) already exists")
 
 

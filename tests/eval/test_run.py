@@ -11,7 +11,8 @@ from posttrain.eval.metrics import pass_at_k
 from posttrain.models import load_sequence_classifier, load_tokenizer, save_pretrained_atomic
 
 FIELDS = {"num_prompts", "num_samples", "pass@1", "pass@2", "pass@3", "sampled_gold_score", "gold_accuracy",
-          "gold_score", "reward", "kl", "length", "eos_rate", "perplexity", "eval_seconds", "samples"}
+          "gold_score", "reward", "kl", "length", "eos_rate", "perplexity", "eval_seconds", "samples",
+          "sampled_gold_score_se", "measure", "warnings"}
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,27 @@ def test_kl_to_a_different_model_is_positive(sft_model, tiny_model, arith_dir, t
     assert result["gold_accuracy"] == result["pass@1"]  # without greedy decoding, gold accuracy is sampled pass@1
 
 
-def test_untrained_model_rarely_stops(tiny_model, arith_dir, tmp_path):
+def test_untrained_model_rarely_stops(tiny_model, arith_dir, tmp_path, capsys):
     result = run_eval(tiny_model, tmp_path / "eval.json", "task=arithmetic", f"prompts={arith_dir / 'eval.jsonl'}",
                       "num_prompts=6", "num_samples=2", "greedy=false", "rollout.max_new_tokens=8")
     assert 0.0 <= result["eos_rate"] <= 1.0 and result["length"] <= 8
     assert result["gold_accuracy"] == 0.0
+    # a degenerate evaluation is named in eval.json and in the command's output
+    assert result["eos_rate"] < 0.5 and any(w.startswith("eos-collapse: ") for w in result["warnings"])
+    assert "WARNING eos-collapse: only" in capsys.readouterr().out
+
+
+def test_a_graded_task_is_measured_by_its_mean_over_samples(sft_model, tmp_path):
+    """sentiment's gold score is a degree (a share of positive words): no accuracy and no pass@k; the headline is
+    the mean over samples with its SE over prompts (each prompt's mean over its samples is one observation)."""
+    result = run_eval(sft_model, tmp_path / "eval.json", "task=sentiment", "num_prompts=6", "num_samples=3")
+    assert result["measure"] == "sampled_gold_score"
+    assert not any(k.startswith("pass@") for k in result) and "gold_accuracy" not in result
+    means = [sum(r["sample_scores"]) / 3 for r in result["samples"]]
+    mean = sum(means) / 6
+    assert result["sampled_gold_score"] == pytest.approx(mean)
+    se = (sum((m - mean) ** 2 for m in means) / 5 / 6) ** 0.5
+    assert result["sampled_gold_score_se"] == pytest.approx(se)
 
 
 def test_perplexity_does_not_depend_on_batching(sft_model, arith_dir, tmp_path):

@@ -33,6 +33,13 @@ def test_quick_demo_end_to_end_then_rerun_skips_done_stages(tmp_path, capsys):
         assert (out / "plots" / png).stat().st_size > 1000, png
     assert report.index("## What this shows") < report.index("## Results") < report.index("## Wall time per stage")
     assert set(json.loads((out / "demo.json").read_text())["seconds"]) >= set(STAGES)
+    # one seed: indicative verdicts; the claims table and the classification side, head only to LoRA
+    assert "One seed: indicative only" in report and "## Claims of the background paper" in report
+    assert "| PPO beats DPO on a verifiable task |" in report and "| PPO with a reference EMA beats PPO without |" in report
+    for variant in ("head", "top2", "all", "lora"):
+        done = "adapter_config.json" if variant == "lora" else "config.json"  # LoRA's final/ is a PEFT adapter
+        assert (out / "classify" / variant / "final" / done).is_file(), variant
+    assert "| head only |" in report and "| LoRA r=8 + head |" in report
 
     # rerun: every stage is done; removing one model reruns it and its evaluation only
     (out / "dpo-iter" / "final" / "config.json").unlink()
@@ -88,7 +95,7 @@ def test_findings_say_plainly_when_a_method_did_not_improve():
                          {"step": 2, "objective/scores": 2.0, "eval/gold_accuracy": 0.3}]}
     text = findings(evals, curves, "arithmetic")
     lines = {line.split()[1]: line for line in text.splitlines() if line.startswith("- ")}
-    assert "ppo-verifier improved on sft (gold accuracy 70.0% vs 50.0%, +20.0 ± 4.9 points)" in text
+    assert "ppo-verifier improved on sft (gold accuracy (greedy) 70.0% vs 50.0%, +20.0 ± 4.9 points)" in text
     assert "**Improved on SFT:** ppo-verifier (+20.0 ± 4.9 points)." in text
     assert "**Worse than SFT:** dpo-iter (-20.0 ± 4.9 points)." in text and "**Not evaluated:** sft+dpo." in text
     assert "ppo-rm did NOT improve on sft" in lines["ppo-rm"] and "within noise" in lines["ppo-rm"]
@@ -111,6 +118,22 @@ def test_differences_are_paired_over_the_same_prompts():
     assert d == pytest.approx(0.25) and se == pytest.approx(0.25)
     d, se = difference(ev([1, 1, 1, 0]), ev([1, 0, 1, 0], prompt="other"), "gold_accuracy")
     assert d == pytest.approx(0.25) and se == pytest.approx(0.3423, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_quick_demo_over_two_seeds(tmp_path, capsys):
+    """`--seeds 2`: one folder per seed, each exactly the single-seed run of that seed (its stages carry seed=S),
+    and a report whose verdicts come from the two seeds, each seed's row in the details."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--seeds", "2", "seed=3", f"output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "== seed 3:" in printed and "== seed 4:" in printed and "seed=4" in printed
+    for s in (3, 4):
+        assert json.loads((out / f"seed-{s}" / "demo.json").read_text())["settings"]["seed"] == s
+        assert (out / f"seed-{s}" / "report.md").is_file()
+    report = (out / "report.md").read_text()
+    assert "posttrain demo: arithmetic, 2 seeds" in report and "over 2 seeds (per seed:" in report
+    assert "## Claims of the background paper" in report and "### seed 3" in report and "### seed 4" in report
 
 
 def test_unknown_demo_task_is_rejected(tmp_path, capsys):

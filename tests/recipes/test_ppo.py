@@ -73,6 +73,9 @@ def test_critic_free_estimators_run_end_to_end(tiny_model, arith_dir, tmp_path, 
     rows = iterations(out)
     assert len(rows) == 2 and all(k in r for r in rows for k in TRL_METRICS)
     assert "loss/value_avg" not in rows[0]  # no critic at all
+    # groups of 4 samples: the share of prompts whose samples all got one reward (TRL's name); no groups of 1
+    assert all(0.0 <= r["frac_reward_zero_std"] <= 1.0 if estimator != "reinforce_pp" else "frac_reward_zero_std" not in r
+               for r in rows)
     assert not (out / "final" / "critic").exists()
     # LoRA: the reference is the adapter-disabled base, equal to the policy before the first update
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)

@@ -6,7 +6,13 @@ What it measures, for a causal LM:
   when the task's verifier gives it >= 1. ``gold_accuracy`` is greedy pass@1 (``greedy: true``), else
   sampled pass@1; ``gold_score`` is the mean verifier score on the same responses.
 - ``pass@k`` for k = 1..num_samples from ``num_samples`` samples per prompt at ``rollout.temperature``
-  (the unbiased estimator of Chen et al. 2021, averaged over prompts), ``sampled_gold_score``.
+  (the unbiased estimator of Chen et al. 2021, averaged over prompts), ``sampled_gold_score`` and its
+  standard error over prompts ``sampled_gold_score_se``. A task with a graded score (``Task.graded``, e.g.
+  sentiment's share of positive words) has no right / wrong answer: no ``gold_accuracy`` and no pass@k, its
+  measure is the mean score over samples. ``measure`` names the headline: ``pass@1`` or ``sampled_gold_score``.
+- ``warnings``: degenerate evidence by name (``posttrain.eval.health``): one greedy outcome for every prompt,
+  no score spread within any prompt's samples, an EOS-rate collapse, a model that barely moved from
+  ``ref_model`` (KL under 0.01 nats); printed after the table too.
 - ``reward``: the mean score of the samples under ``reward.*`` (a reward model, function or verifier).
 - ``kl``: mean over samples of the sequence KL to ``ref_model``, sum over response tokens (EOS included)
   of log pi(y_t) - log pi_ref(y_t) — the k1 Monte-Carlo estimate of KL(pi || pi_ref) on the model's own
@@ -40,7 +46,8 @@ from posttrain.data import (IGNORE, collate_classification, collate_sft, load_ex
                             tokenize_prompt)
 from posttrain.data.io import task_file
 from posttrain.errors import DataError
-from posttrain.eval.metrics import accuracy, macro_f1, mean_pass_at_k, perplexity, sequence_kl
+from posttrain.eval.health import eval_warnings, paired_warnings
+from posttrain.eval.metrics import accuracy, macro_f1, mean_and_stderr, mean_pass_at_k, perplexity, sequence_kl
 from posttrain.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer, token_logprobs
 from posttrain.models.load import load_model_config
 from posttrain.rewards import build_reward, prompt_text, row_columns
@@ -127,22 +134,28 @@ def generation_metrics(cfg: EvalConfig, model, tok, gens: Generations, device) -
         task = get_task(cfg.task)
         questions = [prompt_text(c) for c in convs_per_sample]
         scores = task.verify_batch(questions, sampled_texts, columns_per_sample)
-        correct = [[s >= 1.0 for s in scores[i * k:(i + 1) * k]] for i in range(len(gens.conversations))]
-        pass_at = {f"pass@{j}": mean_pass_at_k(correct, j) for j in range(1, k + 1)}
+        groups = [scores[i * k:(i + 1) * k] for i in range(len(gens.conversations))]
+        correct = [[s >= 1.0 for s in group] for group in groups]
+        pass_at = {} if task.graded else {f"pass@{j}": mean_pass_at_k(correct, j) for j in range(1, k + 1)}
         sampled_score = sum(scores) / len(scores)
-        for i, rec in enumerate(records):
-            rec["sample_scores"] = scores[i * k:(i + 1) * k]
+        for rec, group in zip(records, groups):
+            rec["sample_scores"] = group
         if gens.greedy is not None:
             greedy_texts = gens.greedy.texts(tok)
             g_scores = task.verify_batch([prompt_text(c) for c in gens.conversations], greedy_texts, row_columns(rows))
-            metrics["gold_accuracy"] = sum(s >= 1.0 for s in g_scores) / len(g_scores)
+            if not task.graded:
+                metrics["gold_accuracy"] = sum(s >= 1.0 for s in g_scores) / len(g_scores)
             metrics["gold_score"] = sum(g_scores) / len(g_scores)
             for rec, text, score in zip(records, greedy_texts, g_scores):
                 rec["greedy"], rec["greedy_score"] = text, score
-        else:
+        elif not task.graded:
             metrics["gold_accuracy"], metrics["gold_score"] = pass_at["pass@1"], sampled_score
         metrics.update(pass_at)
+        # the headline: a graded score by its mean over samples, a right / wrong one by sampled accuracy (pass@1);
+        # either with its standard error over prompts (each prompt's mean over its samples is one observation)
         metrics["sampled_gold_score"] = sampled_score
+        metrics["sampled_gold_score_se"] = mean_and_stderr([sum(g) / len(g) for g in groups])[1]
+        metrics["measure"] = "sampled_gold_score" if task.graded else "pass@1"
 
     if cfg.reward.model or cfg.reward.function or cfg.reward.task:
         source = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
@@ -241,6 +254,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         if cfg.task or cfg.prompts:
             gens = generate(cfg, model, tok, *held_out_rows(cfg))
             metrics, records = generation_metrics(cfg, model, tok, gens, device)
+            moved = bool(cfg.ref_model) and Path(cfg.ref_model).resolve() != Path(cfg.model).resolve()
+            warnings = eval_warnings({**metrics, "samples": records})
+            warnings += paired_warnings([], [], kl=metrics["kl"]) if moved and "kl" in metrics else []
+            metrics["warnings"] = [str(w) for w in warnings]
         if cfg.data:
             metrics["perplexity"] = data_perplexity(cfg, model, tok, device)
     metrics["eval_seconds"] = time.perf_counter() - start
@@ -259,9 +276,10 @@ def write_json(obj: dict, path: Path) -> Path:
 
 def format_table(metrics: dict) -> str:
     """Two aligned columns, metric and value."""
-    width = max(len(k) for k in metrics)
+    shown = {k: v for k, v in metrics.items() if k != "warnings"}
+    width = max(len(k) for k in shown)
     rows = []
-    for key, value in metrics.items():
+    for key, value in shown.items():
         shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else str(value)
         rows.append(f"{key:<{width}}  {shown}")
     return "\n".join(rows)
@@ -270,5 +288,7 @@ def format_table(metrics: dict) -> str:
 def main(cfg: EvalConfig) -> dict:
     metrics = evaluate(cfg)
     print(format_table(metrics))
+    for warning in metrics.get("warnings", []):
+        print(f"WARNING {warning}")
     print(f"wrote {Path(cfg.output) if cfg.output else Path(cfg.model) / 'eval.json'}", flush=True)
     return metrics

@@ -8,11 +8,18 @@ The pipeline of the seed (and of Xu et al. 2024, arXiv 2404.10719, Sec. 5 / Tabl
                          dpo           offline DPO on the preference pairs
                          sft+dpo       SFT on the chosen responses, then DPO
                          dpo-iter      iterative online DPO, pairs labelled by the verifier
-    -> `posttrain eval` of every model on the same held-out prompts, KL measured to the SFT model
+    -> `posttrain eval` of every model on the same 500 held-out prompts, KL measured to the SFT model
+    -> the seed's SFT for classification: a new head on the sentiment task's labelled reviews, trained four ways
+       (head only, top 2 blocks, all layers, LoRA; `CLASSIFY`)
     -> runs/demo/report.md: what was run, a "what this shows" section written from the numbers (each method
-       against SFT, +- standard error), the results table, the gold-vs-KL frontier, held-out gold during
-       training, proxy-vs-gold for ppo-rm, training curves per method family, and wall time per stage
-       (written by `posttrain.report.demo`).
+       against SFT, +- standard error, or "no verdict" where the evidence is degenerate), the claims table, the
+       results table, the gold-vs-KL frontier, held-out gold during training, proxy-vs-gold for ppo-rm, training
+       curves per method family, and wall time per stage (written by `posttrain.report.demo`).
+
+`--seeds N` runs all of it once per seed into `seed-S/` folders (seed S of N is exactly `posttrain demo seed=S
+output_dir=OUT/seed-S`, so seeds can also run apart, on other machines, and be reported together) and writes
+`OUT/report.md` with the verdicts from the spread over seeds (`posttrain.report.evidence`); one seed (the default
+and `--quick`) is indicative only, and its report says so.
 
 Every stage is an ordinary posttrain command with a config file under `examples/demo/` (`examples/demo/sentiment/`
 for `--task sentiment`, where the reward model is a sentiment classifier and gold is the task's rule-based
@@ -43,7 +50,7 @@ from pathlib import Path
 from posttrain.cli import EXAMPLES
 from posttrain.config import ConfigError, DemoConfig
 from posttrain.errors import TrainingError
-from posttrain.report.demo import METHODS, write_demo_report
+from posttrain.report.demo import METHODS, write_demo_report, write_seeds_report
 
 TASKS = {"arithmetic": "demo", "sentiment": "demo/sentiment"}  # task -> config folder under examples/
 # --quick: two PPO iterations of 8 episodes, a few DPO steps, two tiny online rounds, 16 evaluation prompts
@@ -111,6 +118,26 @@ def pipeline(task: str, out: Path) -> list[Stage]:
                      GRPO_QUICK) for name in grpo_rows]
     for method in METHODS + grpo_rows:
         stages.append(eval_stage(method, method, out, sft, data, reward_rm))
+    return stages + classification(out)
+
+
+# the seed's transfer learning, four ways from the same backbone: variant -> overrides of examples/demo/classify.yaml
+CLASSIFY = {"head": ["freeze.trainable_layers=0", "freeze.extra=[score]"], "top2": [],
+            "all": ["freeze.trainable_layers=-1"], "lora": ["lora.r=8", "freeze.trainable_layers=-1"]}
+
+
+def classification(out: Path) -> list[Stage]:
+    """A new classification head on the sentiment task's labelled reviews: head only, top 2 blocks, all layers,
+    LoRA; each run's held-out accuracy is its last `eval_accuracy` (metrics.jsonl)."""
+    data = out / "classify" / "task"
+    stages = [Stage("classify/task", "task", "sentiment/task.yaml", [f"output_dir={data}"], "classify/task/eval.jsonl",
+                    quick=["n_train=400", "n_eval=40"])]
+    for variant, keys in CLASSIFY.items():
+        run = f"classify/{variant}"
+        done = "adapter_config.json" if any(k.startswith("lora.r=") for k in keys) else "config.json"  # LoRA: PEFT's
+        stages.append(Stage(run, "sft", "classify.yaml", [f"model={out / 'tiny'}", f"data.train={data}/classify.jsonl",
+                                                          f"output_dir={out / run}", *keys],
+                            f"{run}/final/{done}", ["tiny", "classify/task"], ["max_steps=10", "logging.eval_steps=10"]))
     return stages
 
 
@@ -163,7 +190,7 @@ def command_line(stage: Stage, config_dir: Path, quick: bool, seed: int) -> list
     if not config.is_file():
         raise ConfigError(f"demo stage `{stage.name}`: config file not found: {config}")
     args = [*stage.args, *(stage.quick if quick else [])]
-    if seed and stage.command not in ("task", "tiny-model"):
+    if seed and stage.command != "task":  # every seed evaluates on the same held-out prompts
         args.append(f"seed={seed}")
     shown = [_shown(a) if "=" not in a else a.split("=", 1)[0] + "=" + _shown(a.split("=", 1)[1]) for a in args]
     return [stage.command, str(config), *shown]
@@ -201,10 +228,10 @@ def run_stage(stage: Stage, argv: list[str], out: Path, *, fresh_start: bool) ->
     return time.perf_counter() - start
 
 
-def check_settings(cfg: DemoConfig, out: Path) -> dict:
+def check_settings(cfg: DemoConfig, out: Path, seed: int) -> dict:
     """demo.json records the settings of the run in `out`; a different setting there needs --force."""
     stamp = out / "demo.json"
-    settings = {"task": cfg.task, "quick": cfg.quick, "seed": cfg.seed}
+    settings = {"task": cfg.task, "quick": cfg.quick, "seed": seed}
     if stamp.is_file() and not cfg.force:
         old = json.loads(stamp.read_text())
         diff = {k: (old.get("settings", {}).get(k), v) for k, v in settings.items() if old.get("settings", {}).get(k) != v}
@@ -216,9 +243,9 @@ def check_settings(cfg: DemoConfig, out: Path) -> dict:
     return {}
 
 
-def save_stamp(cfg: DemoConfig, out: Path, seconds: dict) -> None:
+def save_stamp(cfg: DemoConfig, out: Path, seed: int, seconds: dict) -> None:
     stamp = out / "demo.json"
-    settings = {"task": cfg.task, "quick": cfg.quick, "seed": cfg.seed}
+    settings = {"task": cfg.task, "quick": cfg.quick, "seed": seed}
     tmp = stamp.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"settings": settings, "seconds": seconds}, indent=1))
     tmp.replace(stamp)
@@ -227,25 +254,42 @@ def save_stamp(cfg: DemoConfig, out: Path, seconds: dict) -> None:
 # --------------------------------------------------------------------------- command
 
 
-def main(cfg: DemoConfig) -> Path:
-    if cfg.ablation and cfg.task != "arithmetic":
-        raise ConfigError("--ablation runs on the arithmetic task only")
-    out = Path(cfg.output_dir)
-    if cfg.task != "arithmetic" and cfg.output_dir == DemoConfig.output_dir:
-        out = Path(f"{cfg.output_dir}-{cfg.task}")  # the default folder of each task's demo: runs/demo-sentiment
+def run_seed(cfg: DemoConfig, out: Path, seed: int) -> dict[str, float]:
+    """Every stage of one seed into `out` (skipping fresh ones), then that seed's report; wall time per stage."""
     out.mkdir(parents=True, exist_ok=True)
-    seconds = check_settings(cfg, out)
+    seconds = check_settings(cfg, out, seed)
     config_dir = EXAMPLES / TASKS[cfg.task]
     stages = ablation(out) if cfg.ablation else pipeline(cfg.task, out)
     by_name = {s.name: s for s in stages}
     for stage in stages:
-        argv = command_line(stage, config_dir, cfg.quick, cfg.seed)
+        argv = command_line(stage, config_dir, cfg.quick, seed)
         if not cfg.force and is_fresh(stage, out, by_name):
             print(f"= {stage.name}: done ({_shown(str(out / stage.output))} exists), skipped", flush=True)
             continue
         seconds[stage.name] = run_stage(stage, argv, out, fresh_start=True)
-        save_stamp(cfg, out, seconds)
+        save_stamp(cfg, out, seed, seconds)
     runs = ["sft"] + [s.name for s in stages if s.command == "ppo"] if cfg.ablation else METHODS
     path = write_demo_report(cfg, out / "ablation" if cfg.ablation else out, out, runs, seconds)
     print(f"report: {_shown(str(path))}", flush=True)
+    return seconds
+
+
+def main(cfg: DemoConfig) -> Path:
+    if cfg.ablation and cfg.task != "arithmetic":
+        raise ConfigError("--ablation runs on the arithmetic task only")
+    if cfg.seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {cfg.seeds}")
+    out = Path(cfg.output_dir)
+    if cfg.task != "arithmetic" and cfg.output_dir == DemoConfig.output_dir:
+        out = Path(f"{cfg.output_dir}-{cfg.task}")  # the default folder of each task's demo: runs/demo-sentiment
+    if cfg.seeds == 1:  # one seed: the stages' folders directly under output_dir
+        run_seed(cfg, out, cfg.seed)
+        return (out / "ablation" if cfg.ablation else out) / "report.md"
+    # seed S of --seeds N is exactly `posttrain demo seed=S output_dir=OUT/seed-S`, so seeds can also run apart
+    folders = {s: out / f"seed-{s}" for s in range(cfg.seed, cfg.seed + cfg.seeds)}
+    for seed, folder in folders.items():
+        print(f"== seed {seed}: {_shown(str(folder))}", flush=True)
+        run_seed(cfg, folder, seed)
+    path = write_seeds_report(cfg, out, folders)
+    print(f"report over {cfg.seeds} seeds: {_shown(str(path))}", flush=True)
     return path

@@ -52,6 +52,7 @@ from posttrain.data import PairBatch, SharedPromptPairs, collate_pairs, collate_
 from posttrain.data.collate import shared_pair_length
 from posttrain.engine import autocast, autocast_dtype, contiguous_share, setup_run
 from posttrain.engine.dist import EvalShare, gather_lists
+from posttrain.eval.health import print_health
 from posttrain.losses.dpo import REFERENCE_FREE_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from posttrain.models import (disable_dropout, load_causal_lm, load_tokenizer, reference_context,
                               takes_custom_mask, token_logprobs, token_logprobs_at)
@@ -278,5 +279,6 @@ def main(cfg: DPOConfig) -> dict:
                    count_fn=lambda b: b.num_pairs, tokens_fn=sequence_tokens, evaluate=evaluate, tokenizer=tok)
     if not result.stopped:
         save_final(run, cfg, model, tok)
+        print_health(run)
     run.close()
     return {"step": result.step, "stopped": result.stopped, **result.last_metrics, **result.eval_metrics}

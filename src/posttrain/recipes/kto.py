@@ -40,6 +40,7 @@ from posttrain.config import ConfigError, KTOConfig
 from posttrain.data import IGNORE, SFTBatch, collate_sft
 from posttrain.engine import all_reduce_sum, autocast, autocast_dtype, contiguous_share, setup_run
 from posttrain.engine.dist import EvalShare, gather_lists
+from posttrain.eval.health import print_health
 from posttrain.losses.kto import kl_sum, kto_loss, reference_point
 from posttrain.models import disable_dropout, load_causal_lm, load_tokenizer, token_logprobs
 from posttrain.recipes.common import load_data, prepare_trainable, save_final, train
@@ -249,5 +250,6 @@ def main(cfg: KTOConfig) -> dict:
                    prepare=step_reference_point(run.dist))
     if not result.stopped:
         save_final(run, cfg, model, tok)
+        print_health(run)
     run.close()
     return {"step": result.step, "stopped": result.stopped, **result.last_metrics, **result.eval_metrics}

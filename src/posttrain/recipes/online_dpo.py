@@ -55,6 +55,7 @@ from posttrain.data import prompt_order
 from posttrain.engine import (autocast_dtype, build_optimizer, build_scheduler, grad_scaler, setup_run, steps_per_epoch,
                               unwrap_parallel, wrap_model)
 from posttrain.engine.dist import RolloutShare
+from posttrain.eval.health import print_health
 from posttrain.engine.loop import BatchPlan, FitResult, LoopSettings, Steps, fit
 from posttrain.models import apply_freeze, apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer
 from posttrain.recipes.common import resume_step, save_final
@@ -244,6 +245,7 @@ def main(cfg: OnlineDPOConfig) -> dict:
         return {"round": rounds.step, "step": step, "stopped": True}
 
     save_final(run, cfg, model, tok)
+    print_health(run)
     run.close()
     return {"round": cfg.rounds, "step": step, "stopped": False,
             **{k: v for k, v in record.items() if k not in ("step", "epoch")}}

@@ -68,6 +68,7 @@ from posttrain.config import ConfigError, PPOConfig
 from posttrain.data import prompt_order
 from posttrain.engine import autocast_dtype, build_scheduler, ema_update, grad_scaler, setup_run, train_step, wrap_model
 from posttrain.engine.dist import RolloutShare
+from posttrain.eval.health import flat_group_share, print_health
 from posttrain.engine.loop import LoopSettings, Steps
 from posttrain.engine.optim import adamw, param_groups
 from posttrain.losses import (AdaptiveKLController, FixedKLController, aggregate, aggregate_count, gae_advantages,
@@ -295,8 +296,9 @@ def rollout_and_score(cfg, sampler, reward, tok, prompts: Prompts, iteration: in
     context = reward_context(chosen, batch, iteration)
     scores, parts = score_parts(reward, messages, texts, **context)  # (N,), clipped by the source when reward.clip > 0
     scores = apply_missing_eos_penalty(scores.float(), batch.ended_with_eos, cfg.missing_eos_penalty)
+    zero_std = {"frac_reward_zero_std": flat_group_share(scores.view(-1, k).tolist())} if k > 1 else {}  # TRL's name
     stats = {"objective/scores": float(scores.mean()), "val/num_eos_tokens": int(batch.ended_with_eos.sum()),
-             "rollout/response_length": float(batch.response_mask.sum(1).mean())}
+             "rollout/response_length": float(batch.response_mask.sum(1).mean()), **zero_std}
     if task is not None:
         gold = task.verify_batch([prompt_text(m) for m in messages], texts, context["columns"])
         stats["objective/gold"] = sum(gold) / len(gold)
@@ -443,5 +445,6 @@ def main(cfg: PPOConfig) -> dict:
     critic, dtype = models.critic, resolve_dtype(cfg.dtype, device)
     save_final(run, cfg, models.policy, tok,  # final/ = the policy's HF folder, final/critic/ = the critic's
                extra=(lambda folder: save_model(critic, folder / "critic", dtype=dtype)) if critic is not None else None)
+    print_health(run)
     run.close()
     return {"iteration": iterations.step, "stopped": False, **record}

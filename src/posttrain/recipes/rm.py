@@ -46,6 +46,7 @@ from posttrain.data import (PairBatch, RankingBatch, SharedPromptPairs, collate_
                             collate_rankings, collate_shared_pairs)
 from posttrain.engine import setup_run
 from posttrain.engine.dist import EvalShare
+from posttrain.eval.health import print_health
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import (load_sequence_classifier, load_tokenizer, sequence_scores, sequence_scores_at,
                               takes_custom_mask)
@@ -205,5 +206,6 @@ def main(cfg: RMConfig) -> dict:
             run.logger.log(norm, step=result.step)
         save_final(run, cfg, model, tok, note=f" (reward bias {norm['normalize/bias']:.4g}, scale "
                                               f"{norm['normalize/scale']:.4g})" if norm else "")
+        print_health(run)
     run.close()
     return {"step": result.step, "stopped": result.stopped, **result.last_metrics, **result.eval_metrics, **norm}

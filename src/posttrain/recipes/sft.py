@@ -26,6 +26,7 @@ from posttrain.config import SFTConfig
 from posttrain.data import IGNORE, collate_classification, collate_sft, pack_sft
 from posttrain.engine import setup_run
 from posttrain.engine.dist import EvalShare
+from posttrain.eval.health import print_health
 from posttrain.errors import PosttrainError
 from posttrain.losses import sft_loss
 from posttrain.models import load_causal_lm, load_sequence_classifier, load_tokenizer, token_logprobs
@@ -142,5 +143,6 @@ def main(cfg: SFTConfig) -> dict:
                    count_fn=count_fn, tokens_fn=tokens_fn, evaluate=evaluate, tokenizer=tok)
     if not result.stopped:
         save_final(run, cfg, model, tok)
+        print_health(run)
     run.close()
     return {"step": result.step, "stopped": result.stopped, **result.last_metrics, **result.eval_metrics}

@@ -118,17 +118,22 @@ def read_eval(run: Path) -> dict:
 
 
 def gold_key(ev: dict) -> str | None:
-    """The headline gold measure: accuracy (tasks with a right answer), else the mean gold score."""
+    """The headline gold measure: a graded task's mean score over samples (eval.json's ``measure``), else greedy
+    accuracy (tasks with a right answer), else the mean gold score."""
+    if ev.get("measure") == "sampled_gold_score" and _is_number(ev.get("sampled_gold_score")):
+        return "sampled_gold_score"
     return next((k for k in ("gold_accuracy", "gold_score") if isinstance(ev.get(k), (int, float))), None)
 
 
 def per_prompt(ev: dict, key: str) -> list[float]:
     """Per-prompt values of ``key`` from eval.json's ``samples``: ``gold_accuracy`` 0/1 (greedy score >= 1),
-    ``gold_score`` the greedy score, ``pass@1`` the fraction of the prompt's samples that are correct. [] when
-    eval.json has no per-prompt records."""
+    ``gold_score`` the greedy score, ``pass@1`` the fraction of the prompt's samples that are correct,
+    ``sampled_gold_score`` the mean score of the prompt's samples. [] when eval.json has no per-prompt records."""
     out = []
     for rec in ev.get("samples", []):
-        if key in ("gold_accuracy", "gold_score") and "greedy_score" in rec:
+        if key == "sampled_gold_score" and rec.get("sample_scores"):
+            out.append(sum(rec["sample_scores"]) / len(rec["sample_scores"]))
+        elif key in ("gold_accuracy", "gold_score") and "greedy_score" in rec:
             score = float(rec["greedy_score"])
             out.append(float(score >= 1.0) if key == "gold_accuracy" else score)
         elif key == "pass@1" and rec.get("sample_scores"):
@@ -167,10 +172,21 @@ def _cell_of(key, fmt):
     return cell
 
 
+def _informative_greedy(key: str):
+    """``key`` unless greedy decoding gave one outcome for every prompt (then greedy numbers rank nothing)."""
+    def pick(ev: dict) -> str | None:
+        scores = {r["greedy_score"] for r in ev.get("samples", []) if "greedy_score" in r}
+        return None if len(scores) == 1 and len(ev.get("samples", [])) > 1 else key
+    return pick
+
+
 # compact table columns (header, cell maker); a column shows when any run has its number
 COLUMNS = [
-    ("gold acc. (greedy)", _cell_of("gold_accuracy", lambda v, ev: _pct(v))),
-    ("gold score (greedy)", _cell_of(lambda ev: None if "gold_accuracy" in ev else "gold_score",
+    ("gold score (sampled) ± SE", _cell_of(lambda ev: "sampled_gold_score" if gold_key(ev) == "sampled_gold_score"
+                                           else None,
+                                           lambda v, ev: f"{v:.3f} ± {stderr(ev, 'sampled_gold_score'):.3f}")),
+    ("gold acc. (greedy)", _cell_of(_informative_greedy("gold_accuracy"), lambda v, ev: _pct(v))),
+    ("gold score (greedy)", _cell_of(lambda ev: None if "gold_accuracy" in ev else _informative_greedy("gold_score")(ev),
                                      lambda v, ev: f"{v:.3f}")),
     ("pass@1 (sampled) ± SE", _cell_of("pass@1", lambda v, ev: f"{_pct(v)} ± {100 * stderr(ev, 'pass@1'):.1f}")),
     ("pass@k", _cell_of(_pass_at_max, lambda v, ev: _pct(v))),
@@ -338,9 +354,10 @@ def plot_sections(names: list[str], evals: list[dict], metrics: dict[str, list[d
               for n, ev in zip(names, evals) if gold_key(ev) and _is_number(ev.get("kl"))}
     if points:
         what = "gold accuracy" if all(gold_key(ev) == "gold_accuracy" for ev in evals if ev) else "gold score"
+        decoding = "sampled" if all(gold_key(ev) == "sampled_gold_score" for ev in evals if ev) else "greedy"
         embed("Gold accuracy against KL (the reward-KL frontier)",
               plot_frontier(points, plots / "frontier.png", kl_label=f"{kl_label} (nats per response)",
-                            gold_label=f"{what}, greedy (held-out prompts)"),
+                            gold_label=f"{what}, {decoding} (held-out prompts)"),
               f"Each method's final {what} (bars: ±1 standard error) against how far it moved from "
               + ("SFT; a method above the dashed SFT line gained accuracy, " if "sft" in points else "the reference; ")
               + "and further left means it paid less KL for it.")
@@ -401,6 +418,10 @@ def write_report(runs: list[Path], out_dir: Path, title: str = "posttrain report
     parts = [f"# {title}", "", intro.rstrip() if intro else "Runs: " + ", ".join(f"`{r}`" for r in runs), ""]
     if findings:
         parts += ["## What this shows", "", findings.rstrip(), ""]
+    warned = [f"- {name}: **{w.split(':', 1)[0]}**:{w.split(':', 1)[1]}" for name, ev in zip(names, evals)
+              for w in ev.get("warnings", [])]
+    if warned:  # what `posttrain eval` found degenerate in each run's own evaluation
+        parts += ["## Warnings", "", *warned, ""]
     if any(evals):
         flat = [flatten(ev) for ev in evals]
         parts += ["## Results", "", summary_table(names, evals, wall_times if wall_times is not None

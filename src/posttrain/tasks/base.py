@@ -110,6 +110,9 @@ class Task:
     score: Callable[..., float]
     levels: tuple[int, ...] = (1,)
     columns: tuple[str, ...] = ()
+    # a graded score (a degree, e.g. a share of positive words) is compared by its mean over samples; a right /
+    # wrong score (>= 1 means right) by accuracy and pass@k
+    graded: bool = False
 
     def verify(self, prompt: str, completion: str, **columns: Any) -> float:
         """Gold reward of one completion (a decoded assistant turn) for one user prompt (and its row's columns)."""

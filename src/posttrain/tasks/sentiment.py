@@ -138,4 +138,5 @@ TASK = Task(
     build=build,
     score=verify,
     levels=(1, 2, 3),
+    graded=True,
 )
