@@ -121,3 +121,14 @@ def test_a_training_command_ends_with_its_health_line(tiny_model, arith_dir, tmp
                  "max_steps=3", "batch_size=4", "max_length=64", "logging.steps=1", "logging.progress=false"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("health: loss ") and last.endswith("warnings: none")
+
+
+def test_grpo_health_line_reads_trl_names():
+    """grpo logs TRL's `kl` and `completions/clipped_ratio`: the health line reads them as ppo's KL and EOS rate."""
+    from posttrain.eval.health import training_health
+
+    rows = [{"step": 1, "loss": 0.5, "kl": 0.0, "completions/clipped_ratio": 0.25},
+            {"step": 2, "loss": 0.4, "kl": 0.02, "completions/clipped_ratio": 0.9}]
+    line, warnings = training_health(rows, {})
+    assert "KL 0 -> 0.02 nats" in line and "EOS rate 10%" in line
+    assert [w.name for w in warnings] == ["eos-collapse"]

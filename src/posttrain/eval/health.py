@@ -143,7 +143,7 @@ def training_health(rows: list[dict], config: dict) -> tuple[str, list[HealthWar
     loss = _series(rows, "loss")
     if loss:
         parts.append(f"loss {loss[0]:.4g} -> {loss[-1]:.4g}")
-    kl = _series(rows, "objective/kl")
+    kl = _series(rows, "objective/kl") or _series(rows, "kl")  # ppo's name, grpo's (TRL's) name
     if kl:
         parts.append(f"KL {kl[0]:.3g} -> {kl[-1]:.3g} nats")
         if max(abs(v) for v in kl) < KL_UNCHANGED and len(kl) >= 2:
@@ -153,6 +153,8 @@ def training_health(rows: list[dict], config: dict) -> tuple[str, list[HealthWar
     eos = _series(rows, "rollout/eos_rate")
     if not eos and _series(rows, "val/num_eos_tokens") and rollout.get("batch_size"):
         eos = [v / float(rollout["batch_size"]) for v in _series(rows, "val/num_eos_tokens")]
+    if not eos:  # grpo logs TRL's share of completions cut at max_new_tokens
+        eos = [1.0 - v for v in _series(rows, "completions/clipped_ratio")]
     if eos:
         parts.append(f"EOS rate {eos[-1]:.0%} (clipped completions {1 - eos[-1]:.0%})")
         if eos[-1] < EOS_MIN:

@@ -47,6 +47,7 @@ from posttrain.config import ConfigError, GRPOConfig
 from posttrain.data import prompt_order
 from posttrain.engine import autocast, autocast_dtype, build_optimizer, build_scheduler, grad_scaler, setup_run, train_step, wrap_model
 from posttrain.engine.dist import RolloutShare, all_reduce_max
+from posttrain.eval.health import print_health
 from posttrain.engine.loop import LoopSettings, Steps
 from posttrain.losses import (aggregate, aggregate_count, clipped_surrogate, group_advantages, k3_kl, kl_estimate,
                               soft_overlong_penalty)
@@ -388,5 +389,6 @@ def main(cfg: GRPOConfig) -> dict:
             record = log_generation(run, iterations, step, metrics, gen, watch)
     if not iterations.stopped:
         save_final(run, cfg, policy, tok)
+        print_health(run)
     run.close()
     return {"generation": iterations.step, "stopped": iterations.stopped, **record}
