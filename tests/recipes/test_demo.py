@@ -12,7 +12,8 @@ from posttrain.config import DemoConfig
 from posttrain.recipes.demo import is_fresh, pipeline
 from posttrain.report.demo import METHODS, difference, findings
 
-STAGES = ["tiny", "task", "sft", "rm", "ppo-rm", "ppo-verifier", "dpo", "sft-chosen", "sft+dpo", "dpo-iter"]
+STAGES = ["tiny", "task", "sft", "rm", "ppo-rm", "ppo-verifier", "dpo", "sft-chosen", "sft+dpo", "dpo-iter", "kto", "orpo",
+          "simpo"]
 
 
 def test_quick_demo_end_to_end_then_rerun_skips_done_stages(tmp_path, capsys):

@@ -50,6 +50,7 @@ TASKS = {"arithmetic": "demo", "sentiment": "demo/sentiment"}  # task -> config 
 PPO_QUICK = ["total_episodes=16", "rollout.batch_size=8", "mini_batch_size=8", "batch_size=8", "ppo_epochs=1",
              "eval_prompts=8", "eval_every=1"]
 DPO_QUICK = ["max_steps=4", "batch_size=8", "data.max_rows=64"]
+KTO_QUICK = ["max_steps=4", "batch_size=16", "data.max_rows=64"]  # 16 rows = dpo's 8 pairs, unpaired
 
 
 @dataclass
@@ -101,6 +102,10 @@ def pipeline(task: str, out: Path) -> list[Stage]:
                                                            f"output_dir={o('dpo-iter')}"],
               "dpo-iter/final/config.json", ["sft"],
               ["rounds=2", "prompts_per_round=8", "samples_per_prompt=2", "batch_size=4", "eval_prompts=8"]),
+        *[Stage(m, "kto" if m == "kto" else "dpo", f"{m}.yaml", [f"model={sft}", f"data.train={data}/prefs.jsonl",
+                                                                  f"output_dir={o(m)}"],
+                f"{m}/final/config.json", ["sft"], KTO_QUICK if m == "kto" else DPO_QUICK)
+          for m in ("kto", "orpo", "simpo")],  # the preference family on dpo's pairs (kto: unpaired)
     ]
     for method in METHODS:
         stages.append(eval_stage(method, method, out, sft, data, reward_rm))

@@ -12,7 +12,8 @@ from posttrain.config import DemoConfig
 from posttrain.eval.metrics import mean_and_stderr
 from posttrain.report import per_prompt, read_metrics, write_report
 
-METHODS = ["sft", "ppo-rm", "ppo-verifier", "dpo", "sft+dpo", "dpo-iter"]  # the demo's runs, in the report's order
+METHODS = ["sft", "ppo-rm", "ppo-verifier", "dpo", "sft+dpo", "dpo-iter",
+           "kto", "orpo", "simpo"]  # the demo's runs, in the report's order
 
 
 def _read(path: Path) -> dict:
@@ -95,7 +96,10 @@ def findings(evals: dict[str, dict], curves: dict[str, list[dict]], task: str) -
                       f"**below SFT:** {', '.join(sampled['worse']) or 'none'} (points ± SE, paired over prompts).", ""]
     for a, b, claim in (("ppo-verifier", "dpo", "PPO vs DPO (Xu et al. 2024 found PPO better)"),
                         ("dpo-iter", "dpo", "online DPO vs offline DPO (Xu et al.: DPO-Iter above DPO)"),
-                        ("sft+dpo", "dpo", "an extra SFT stage on the chosen responses before DPO")):
+                        ("sft+dpo", "dpo", "an extra SFT stage on the chosen responses before DPO"),
+                        ("kto", "dpo", "KTO on the same pairs unpaired vs DPO"),
+                        ("orpo", "dpo", "ORPO (no reference model, no SFT stage) vs DPO"),
+                        ("simpo", "dpo", "SimPO (no reference model) vs DPO")):
         v = verdict(a, b)
         if v is not None:
             lines.append(f"- {claim}: {a} {v[1]}.")
