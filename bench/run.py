@@ -4,7 +4,7 @@
     .venv/bin/python bench/run.py --quick            # smoke run: tiny scale, few steps, 1 repeat
     .venv/bin/python bench/run.py --only sft,dpo --scales tiny,long --repeats 5
 
-For every recipe (sft, rm, dpo, ppo) and scale (tiny, small ~30M, long = SFT on 1-2k-token rows)
+For every recipe (sft, rm, dpo, ppo; orpo and simpo: `posttrain dpo` with that loss_type) and scale (tiny, small ~30M, long = SFT on 1-2k-token rows)
 it builds one model folder and one data file, runs ``posttrain RECIPE`` and the TRL peer on them
 with the same batch size, max length, steps, learning rate, seed, float32 and thread count,
 checks both did the same work, repeats each run ``--repeats`` times (alternating the two sides) and
@@ -55,11 +55,15 @@ PEERS = {  # recipe -> (venv, script)
     "rm": (BENCH / ".venv-peers", BENCH / "peers" / "trl_rm.py"),
     "dpo": (BENCH / ".venv-peers", BENCH / "peers" / "trl_dpo.py"),
     "ppo": (BENCH / ".venv-peers-ppo", BENCH / "peers" / "trl_ppo.py"),
+    "orpo": (BENCH / ".venv-peers", BENCH / "peers" / "trl_orpo.py"),
+    "simpo": (BENCH / ".venv-peers", BENCH / "peers" / "trl_simpo.py"),  # CPOTrainer, loss_type simpo
 }
-RECIPES = ["sft", "rm", "dpo", "ppo"]
-UNIT = {"sft": "sequences", "rm": "pairs", "dpo": "pairs", "ppo": "episodes"}
+RECIPES = ["sft", "rm", "dpo", "ppo", "orpo", "simpo"]
+UNIT = {"sft": "sequences", "rm": "pairs", "dpo": "pairs", "ppo": "episodes", "orpo": "pairs", "simpo": "pairs"}
+PAIRS = ("dpo", "orpo", "simpo")  # `posttrain dpo` with these loss types, on the same preference rows
 # the issue's targets: posttrain / peer on the recipe's headline throughput
-TARGETS = {"sft": ("tokens/s", 1.5), "dpo": ("pairs/s", 2.0), "ppo": ("episodes/s", 3.0)}
+TARGETS = {"sft": ("tokens/s", 1.5), "dpo": ("pairs/s", 2.0), "ppo": ("episodes/s", 3.0), "orpo": ("pairs/s", 1.5),
+           "simpo": ("pairs/s", 1.5)}
 TOKEN_TOLERANCE = 0.02  # token counts may differ by the chat-template / EOS handling, never by more than 2%
 
 
@@ -100,7 +104,7 @@ class Plan:
 
 
 def plans(quick: bool, only: list[str], scales: list[str], device: str = "cpu") -> list[Plan]:
-    lr = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-5}
+    lr = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-5, "orpo": 1e-6, "simpo": 1e-6}
     out: list[Plan] = []
     for scale in scales:
         for r in only:
@@ -223,7 +227,8 @@ def posttrain_has(command: str) -> tuple[bool, str]:
     """True when ``posttrain COMMAND`` exists and its module imports."""
     if len(SIDES.posttrain) == 1 and not Path(SIDES.posttrain[0]).exists():
         return False, f"{SIDES.posttrain[0]} not found (run `make setup`)"
-    module = {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "tiny-model": None, "task": None}.get(command)
+    module = {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "orpo": "dpo", "simpo": "dpo", "tiny-model": None,
+              "task": None}.get(command)
     check = {"tiny-model": "import posttrain.models.tiny as m; m.main",
              "task": "import posttrain.tasks as m; m.main"}.get(command, f"import posttrain.recipes.{module} as m; m.main")
     r = run_quiet([SIDES.python, "-c", check])
@@ -464,9 +469,11 @@ def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_len
     if p.recipe == "rm":
         return [*SIDES.posttrain, "rm", f"model={rm}", f"data.train={data}", f"max_steps={p.steps}", "grad_accum=1",
                 f"batch_size={p.batch_size}", "normalize=false", *common]
-    if p.recipe == "dpo":
+    if p.recipe in PAIRS:
+        loss = {"dpo": ["beta=0.1", "loss_type=sigmoid"], "orpo": ["beta=0.1", "loss_type=orpo"],
+                "simpo": ["beta=2.0", "loss_type=simpo", "simpo_gamma=0.5"]}[p.recipe]
         return [*SIDES.posttrain, "dpo", f"model={model}", f"data.train={data}", f"max_steps={p.steps}", "grad_accum=1",
-                f"batch_size={p.batch_size}", "beta=0.1", "loss_type=sigmoid", *common]
+                f"batch_size={p.batch_size}", *loss, *common]
     mini = p.rollout_batch // p.mini_batches
     return [*SIDES.posttrain, "ppo", f"model={model}", f"prompts={data}", f"reward.model={rm}", "critic_init=reward",
             f"rollout.batch_size={p.rollout_batch}", f"mini_batch_size={mini}", f"batch_size={mini}",
@@ -487,8 +494,10 @@ def peer_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: 
                 str(p.mini_batches), "--ppo-epochs", str(p.ppo_epochs), "--response-length", str(p.response_length)]
     else:
         cmd += ["--batch-size", str(p.batch_size), "--gradient-checkpointing", "on" if p.checkpointing else "off"]
-    if p.recipe == "dpo":
+    if p.recipe in ("dpo", "orpo"):
         cmd += ["--beta", "0.1"]
+    if p.recipe == "simpo":
+        cmd += ["--beta", "2.0", "--simpo-gamma", "0.5"]
     return cmd
 
 
@@ -514,6 +523,8 @@ def flops_per_token(p: Plan, params: dict[str, int]) -> float:
         return 6 * params["rm"]
     if p.recipe == "dpo":
         return 8 * n
+    if p.recipe in PAIRS:  # reference-free: the policy's pass only
+        return 6 * n
     v = params["rm"]
     return 2 * n + 2 * n + 2 * v + 2 * v + p.ppo_epochs * 6 * (n + v)
 
@@ -565,6 +576,12 @@ def same_work(p: Plan, a: dict, b: dict, expected: int | None, trailing: tuple[i
         return True, (f"same steps ({a['steps']}) and episodes ({a['units']}); tokens are sampled, so they differ "
                       f"by design: posttrain {a['tokens']:.0f} vs peer {b['tokens']:.0f} ({100 * d / max(1, b['tokens']):+.1f}%)")
     n_seqs, newline_after_eot = trailing
+    if p.recipe in ("orpo", "simpo") and expected and a["tokens"] == expected and b["tokens"] - a["tokens"] == n_seqs:
+        return True, (f"same steps ({a['steps']}) and {UNIT[p.recipe]} ({a['units']}); posttrain {a['tokens']:.0f} "
+                      f"non-pad tokens (the harness's count of the rows) vs peer {b['tokens']:.0f}: exactly one token "
+                      f"per sequence more on the peer's side ({n_seqs} sequences), the EOS that TRL's ORPO / CPO "
+                      "tokenize_row appends to every completion not already ending with it (the chat template ends "
+                      "the turn with its own end-of-turn token): the peer does slightly more work")
     if newline_after_eot and b["tokens"] - a["tokens"] == n_seqs and (not expected or b["tokens"] == expected):
         return True, (f"same steps ({a['steps']}) and {UNIT[p.recipe]} ({a['units']}); posttrain {a['tokens']:.0f} vs "
                       f"peer {b['tokens']:.0f} non-pad tokens: exactly one token per sequence fewer ({n_seqs} sequences): "
@@ -674,7 +691,7 @@ def profile(cmd: list[str], env: dict, out: Path, timeout: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny scale, few steps, 1 repeat")
-    ap.add_argument("--only", default=",".join(RECIPES), help="recipes, comma-separated (sft,rm,dpo,ppo)")
+    ap.add_argument("--only", default=",".join(RECIPES), help=f"recipes, comma-separated ({','.join(RECIPES)})")
     ap.add_argument("--scales", default="", help="tiny,small,long,base (default: tiny,small,long; --quick: tiny)")
     ap.add_argument("--repeats", type=int, default=0, help="runs per side and case; medians reported (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch / OpenMP threads for both sides")
@@ -754,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         rm = build_rm_init(model, work / (model.name + "-rm"))
         tok = AutoTokenizer.from_pretrained(model)
         n_rows = (p.rollout_batch if p.recipe == "ppo" else p.batch_size) * p.steps
-        kind = {"sft": "sft", "rm": "prefs", "dpo": "prefs", "ppo": "prompts"}[p.recipe]
+        kind = {"sft": "sft", "ppo": "prompts"}.get(p.recipe, "prefs")
         if p.scale == "long":
             rows = long_rows(tok, n_rows)
             notes.append(f"long case: bench/data.py rows of 1000-2000 tokens ({len(rows)} rows)")
@@ -887,7 +904,7 @@ def write_report(out: Path, started, info, peak, a, repeats, versions, notes, co
         + ("Peak GPU MB is `torch.cuda.max_memory_allocated` inside each side's process (the caching allocator's "
            "high-water mark of allocated bytes); the memory target is judged on it. Both loop ends wait for the GPU "
            "(`torch.cuda.synchronize`). " if a.device == "cuda" else "") +
-        "MFU = achieved model FLOP/s / the matmul peak above (FLOPs per token: SFT/RM 6N, DPO 8N, "
+        "MFU = achieved model FLOP/s / the matmul peak above (FLOPs per token: SFT/RM 6N, DPO 8N, ORPO/SimPO 6N, "
         "PPO 2N sample + 2N ref + 2N reward + 2N value + epochs x 6(N+N_value)). Final loss is the last logged "
         "value (TRL logs the mean over its logging window). Ratios are posttrain / peer: above 1 is better "
         "for throughput, below 1 better for wall/step and memory.", "",

@@ -147,11 +147,12 @@ def make_callback():
     return BenchCallback()
 
 
-def counting(trainer_cls):
+def counting(trainer_cls, keys: tuple[str, ...] = ("attention_mask",)):
     """Subclass a transformers Trainer so it counts the non-pad tokens of every training batch.
 
-    Every TRL 1.16 collator used here (SFT, reward, DPO) returns one ``attention_mask`` over the
-    whole (concatenated) batch; counting it costs one integer sum per micro-step. The sums are added up
+    TRL 1.16's SFT, reward and DPO collators return one ``attention_mask`` over the whole (concatenated)
+    batch; the ORPO / CPO collators one per side (``keys`` = chosen_attention_mask, rejected_attention_mask,
+    each over prompt + completion). Counting costs one integer sum per micro-step. The sums are added up
     where the mask lives and read once at the end, so on CUDA the count adds no synchronisation to a step.
     """
 
@@ -163,7 +164,7 @@ def counting(trainer_cls):
             return int(Counting._token_sum)
 
         def training_step(self, model, inputs, *a, **k):
-            Counting._token_sum = Counting._token_sum + inputs["attention_mask"].sum()
+            Counting._token_sum = Counting._token_sum + sum(inputs[k].sum() for k in keys)
             return super().training_step(model, inputs, *a, **k)
 
     Counting.__name__ = trainer_cls.__name__

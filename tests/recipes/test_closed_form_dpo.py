@@ -35,6 +35,11 @@ REWARDS = torch.tensor([0.0, 0.5, 1.0, 1.5])
 
 def set_distribution(model_dir, tok, answers: list[str]) -> torch.Tensor:
     """The model's distribution over the K sequences [answer, EOS] after the prompt, renormalised, (K,)."""
+    return torch.softmax(answer_logps(model_dir, tok, answers).double(), 0)
+
+
+def answer_logps(model_dir, tok, answers: list[str]) -> torch.Tensor:
+    """The model's sequence log-probs of the K sequences [answer, EOS] after the prompt, (K,)."""
     model = load_causal_lm(model_dir, dtype="float32", device="cpu", tokenizer=tok).eval()
     items = []
     for a in answers:
@@ -43,7 +48,7 @@ def set_distribution(model_dir, tok, answers: list[str]) -> torch.Tensor:
     assert all(it["chosen_ids"][1:] == [tok.eos_token_id] and len(it["chosen_ids"]) == 2 for it in items)
     with torch.no_grad():
         logps, _ = completion_logps(model, collate_pairs(items, tok.pad_token_id))  # (2K,): chosen rows first
-    return torch.softmax(logps[: len(answers)].double(), 0)
+    return logps[: len(answers)]
 
 
 def kl(p: torch.Tensor, q: torch.Tensor) -> float:

@@ -12,7 +12,8 @@ from posttrain.config import DemoConfig
 from posttrain.recipes.demo import is_fresh, pipeline
 from posttrain.report.demo import METHODS, difference, findings
 
-STAGES = ["tiny", "task", "sft", "rm", "ppo-rm", "ppo-verifier", "dpo", "sft-chosen", "sft+dpo", "dpo-iter"]
+STAGES = ["tiny", "task", "sft", "rm", "ppo-rm", "ppo-verifier", "dpo", "sft-chosen", "sft+dpo", "dpo-iter", "kto", "orpo",
+          "simpo"]
 
 
 def test_quick_demo_end_to_end_then_rerun_skips_done_stages(tmp_path, capsys):
@@ -90,7 +91,7 @@ def test_findings_say_plainly_when_a_method_did_not_improve():
     = 4.9 points; at p = 0.5 two standard errors are 2 * sqrt(2 * 0.25 / 200) = 10 points."""
     ev = lambda acc, kl: {"gold_accuracy": acc, "pass@1": acc, "kl": kl, "eos_rate": 1.0, "num_prompts": 200}  # noqa: E731
     evals = {"sft": ev(0.50, 0.0), "ppo-verifier": ev(0.70, 3.0), "dpo": ev(0.45, 5.0), "dpo-iter": ev(0.30, 9.0),
-             "ppo-rm": ev(0.52, 1.0)}
+             "ppo-rm": ev(0.52, 1.0), "kto": ev(0.50, 1.0), "orpo": ev(0.50, 1.0), "simpo": ev(0.50, 1.0)}
     curves = {"ppo-rm": [{"step": 0, "eval/gold_accuracy": 0.5}, {"step": 1, "objective/scores": -1.0},
                          {"step": 2, "objective/scores": 2.0, "eval/gold_accuracy": 0.3}]}
     text = findings(evals, curves, "arithmetic")
@@ -104,6 +105,7 @@ def test_findings_say_plainly_when_a_method_did_not_improve():
     assert "sft+dpo: no evaluation" in text
     assert "online DPO vs offline DPO (Xu et al.: DPO-Iter above DPO): dpo-iter did NOT improve on, and is worse than dpo" in text
     assert "over-optimised the proxy reward" in text
+    assert "KTO on the same pairs unpaired vs DPO: kto did NOT improve on dpo" in text  # 50% vs 45%: +5 < 2 SE
 
 
 def test_differences_are_paired_over_the_same_prompts():

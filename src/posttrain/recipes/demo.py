@@ -60,6 +60,7 @@ DPO_QUICK = ["max_steps=4", "batch_size=8", "data.max_rows=64"]
 GRPO_ROWS = ["grpo", "dr_grpo", "dapo"]  # arithmetic only: `posttrain grpo examples/demo/NAME.yaml`
 GRPO_QUICK = ["total_episodes=16", "rollout.batch_size=8", "num_generations=4", "steps_per_generation=1",
               "batch_size=8", "eval_prompts=8", "eval_every=1"]
+KTO_QUICK = ["max_steps=4", "batch_size=16", "data.max_rows=64"]  # 16 rows = dpo's 8 pairs, unpaired
 
 
 @dataclass
@@ -111,13 +112,18 @@ def pipeline(task: str, out: Path) -> list[Stage]:
                                                            f"output_dir={o('dpo-iter')}"],
               "dpo-iter/final/config.json", ["sft"],
               ["rounds=2", "prompts_per_round=8", "samples_per_prompt=2", "batch_size=4", "eval_prompts=8"]),
+        *[Stage(m, "kto" if m == "kto" else "dpo", f"{m}.yaml", [f"model={sft}", f"data.train={data}/prefs.jsonl",
+                                                                  f"output_dir={o(m)}"],
+                f"{m}/final/config.json", ["sft"], KTO_QUICK if m == "kto" else DPO_QUICK)
+          for m in ("kto", "orpo", "simpo")],  # the preference family on dpo's pairs (kto: unpaired)
     ]
     grpo_rows = GRPO_ROWS if task == "arithmetic" else []
     stages += [Stage(name, "grpo", f"{name}.yaml", [f"model={sft}", f"prompts={data}/prompts.jsonl",
                                                    f"output_dir={o(name)}"], f"{name}/final/config.json", ["sft"],
                      GRPO_QUICK) for name in grpo_rows]
-    for method in METHODS + grpo_rows:
-        stages.append(eval_stage(method, method, out, sft, data, reward_rm))
+    for method in METHODS:
+        if method not in GRPO_ROWS or method in grpo_rows:
+            stages.append(eval_stage(method, method, out, sft, data, reward_rm))
     return stages + classification(out)
 
 

@@ -17,7 +17,8 @@ from posttrain.report import read_metrics, summary_table, write_report
 from posttrain.report.evidence import (Effect, Seed, claims_table, classification_table, difference, load_seed,
                                        measure_key, method_warnings, paired_effect)
 
-METHODS = ["sft", "ppo-rm", "ppo-verifier", "dpo", "sft+dpo", "dpo-iter"]  # the demo's runs, in the report's order
+METHODS = ["sft", "ppo-rm", "ppo-verifier", "dpo", "sft+dpo", "dpo-iter",
+           "kto", "orpo", "simpo", "grpo", "dr_grpo", "dapo"]  # the demo's runs, in the report's order (grpo rows: arithmetic)
 
 
 def _read(path: Path) -> dict:
@@ -121,7 +122,10 @@ def findings(evals: dict[str, dict], curves: dict[str, list[dict]], task: str) -
                       f"**below SFT:** {', '.join(out['worse']) or 'none'} (points ± SE, paired over prompts).", ""]
     for a, b, claim in (("ppo-verifier", "dpo", "PPO vs DPO (Xu et al. 2024 found PPO better)"),
                         ("dpo-iter", "dpo", "online DPO vs offline DPO (Xu et al.: DPO-Iter above DPO)"),
-                        ("sft+dpo", "dpo", "an extra SFT stage on the chosen responses before DPO")):
+                        ("sft+dpo", "dpo", "an extra SFT stage on the chosen responses before DPO"),
+                        ("kto", "dpo", "KTO on the same pairs unpaired vs DPO"),
+                        ("orpo", "dpo", "ORPO (no reference model, no SFT stage) vs DPO"),
+                        ("simpo", "dpo", "SimPO (no reference model) vs DPO")):
         v = verdict(a, b)
         if v is not None:
             lines.append(f"- {claim}: {a} {v[1]}.")
