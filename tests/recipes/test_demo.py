@@ -13,7 +13,7 @@ from posttrain.recipes.demo import is_fresh, pipeline
 from posttrain.report.demo import METHODS, difference, findings
 
 STAGES = ["tiny", "task", "sft", "rm", "ppo-rm", "ppo-verifier", "dpo", "sft-chosen", "sft+dpo", "dpo-iter", "kto", "orpo",
-          "simpo"]
+          "simpo", "grpo", "dr_grpo", "dapo"]
 
 
 def test_quick_demo_end_to_end_then_rerun_skips_done_stages(tmp_path, capsys):
@@ -98,7 +98,8 @@ def test_findings_say_plainly_when_a_method_did_not_improve():
     lines = {line.split()[1]: line for line in text.splitlines() if line.startswith("- ")}
     assert "ppo-verifier improved on sft (gold accuracy (greedy) 70.0% vs 50.0%, +20.0 ± 4.9 points)" in text
     assert "**Improved on SFT:** ppo-verifier (+20.0 ± 4.9 points)." in text
-    assert "**Worse than SFT:** dpo-iter (-20.0 ± 4.9 points)." in text and "**Not evaluated:** sft+dpo." in text
+    assert "**Worse than SFT:** dpo-iter (-20.0 ± 4.9 points)." in text
+    assert "**Not evaluated:** sft+dpo, grpo, dr_grpo, dapo." in text
     assert "ppo-rm did NOT improve on sft" in lines["ppo-rm"] and "within noise" in lines["ppo-rm"]
     assert "dpo did NOT improve on sft" in lines["dpo"] and "within noise" in lines["dpo"]
     assert "dpo-iter did NOT improve on, and is worse than sft" in lines["dpo-iter"]
