@@ -14,6 +14,7 @@ import importlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import typing
@@ -186,6 +187,26 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _name_lost_rank_on_sigterm(command: str) -> None:
+    """In a worker of a several-process job: a SIGTERM that comes because another rank died (torchrun stops the
+    survivors) says which rank was lost and exits 3, as a failed collective does; any other SIGTERM keeps its default
+    effect. The training loop's own handler (a checkpoint, then a clean stop) takes precedence while it runs."""
+
+    def handle(signum, frame) -> None:
+        from posttrain.engine.dist import terminated_by_launcher
+
+        lost = terminated_by_launcher()
+        if lost is None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        print(f"posttrain {command}: error: {lost}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
+
+    signal.signal(signal.SIGTERM, handle)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -210,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         path = config_file(path)
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
             return _relaunch(nproc, command, rest)
+        if "LOCAL_RANK" in os.environ:
+            _name_lost_rank_on_sigterm(command)
         cfg = load_config(COMMANDS[command], path, overrides)
         _quiet_libraries()
         module, fn = ENTRY[command].split(":")

@@ -87,28 +87,47 @@ def _gone(pid: int) -> bool:
         return False
 
 
-def peer_failure(error: BaseException, wait: float = 2.0) -> Exception | None:
-    """When `error` is a collective failing because another rank died (its connection closed, a timeout), the error
-    to show instead, naming the lost rank(s): those on this host whose process is gone (waiting up to `wait` seconds
-    for the exit to show), or, when none is found here, a rank on another host. None for any other error."""
-    from posttrain.errors import TrainingError
-
-    dist_error = getattr(torch_dist, "DistError", ())
-    if len(_PEERS) < 2 or not (isinstance(error, dist_error) or
-                               (isinstance(error, RuntimeError) and any(s in str(error) for s in _COMM_FAILURES))):
-        return None
+def _lost_ranks(wait: float) -> list[int]:
+    """Ranks on this host whose process is gone, waiting up to `wait` seconds for an exit to show."""
     host, me = socket.gethostname(), os.getpid()
     deadline, lost = time.monotonic() + wait, []
     while not lost and time.monotonic() < deadline:
         lost = [r for r, (h, pid) in enumerate(_PEERS) if h == host and pid != me and _gone(pid)]
         if not lost:
             time.sleep(0.1)
+    return lost
+
+
+def _lost_error(lost: list[int], cause: str) -> Exception:
+    from posttrain.errors import TrainingError
+
+    host, me = socket.gethostname(), os.getpid()
     mine = next((r for r, (h, pid) in enumerate(_PEERS) if h == host and pid == me), -1)
     who = (", ".join(f"rank {r} (pid {_PEERS[r][1]})" for r in lost) + " exited" if lost
            else "a rank on another host stopped answering")
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    return TrainingError(f"rank {mine}: lost {who}; the run cannot go on without it ({first}). Restart the job "
+    return TrainingError(f"rank {mine}: lost {who}; the run cannot go on without it ({cause}). Restart the job "
                          "with resume=auto: it continues from the last checkpoint")
+
+
+def peer_failure(error: BaseException, wait: float = 2.0) -> Exception | None:
+    """When `error` is a collective failing because another rank died (its connection closed, a timeout), the error
+    to show instead, naming the lost rank(s): those on this host whose process is gone (waiting up to `wait` seconds
+    for the exit to show), or, when none is found here, a rank on another host. None for any other error."""
+    dist_error = getattr(torch_dist, "DistError", ())
+    if len(_PEERS) < 2 or not (isinstance(error, dist_error) or
+                               (isinstance(error, RuntimeError) and any(s in str(error) for s in _COMM_FAILURES))):
+        return None
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return _lost_error(_lost_ranks(wait), first)
+
+
+def terminated_by_launcher(wait: float = 0.5) -> Exception | None:
+    """On a SIGTERM: when another rank on this host has exited, the error naming it (torchrun terminates the
+    survivors once a worker dies, often before their next collective fails and says why); None otherwise."""
+    if len(_PEERS) < 2:
+        return None
+    lost = _lost_ranks(wait)
+    return _lost_error(lost, "the launcher sent SIGTERM") if lost else None
 
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
