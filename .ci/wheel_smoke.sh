@@ -28,7 +28,7 @@ unset PYTHONPATH
 export POSTTRAIN_CACHE="$work/cache" PATH="$work/venv/bin:$PATH"
 set -x
 python -c "import posttrain, sys; sys.exit(not posttrain.__file__.startswith('$work/venv/'))"  # the wheel's copy
-posttrain examples | grep -q "examples/ppo_tiny.yaml"
+posttrain examples > examples.txt && grep -q "examples/ppo_tiny.yaml" examples.txt  # the whole list (grep -q would close the pipe early)
 posttrain examples copied && test -f copied/demo/sentiment/rm.yaml
 posttrain demo --quick
 test -s runs/demo/report.md && grep -q "Claims of the background paper" runs/demo/report.md
