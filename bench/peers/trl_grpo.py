@@ -49,6 +49,9 @@ def main() -> int:
     ap.add_argument("--generation-batch", type=int, default=32, help="completions per generation")
     ap.add_argument("--steps-per-generation", type=int, default=2)
     ap.add_argument("--response-length", type=int, default=32, help="max_completion_length")
+    ap.add_argument("--beta", type=float, default=0.0, help="KL weight (TRL's default 0: no reference model)")
+    ap.add_argument("--loss-type", default="dapo", help="TRL's loss_type (default dapo, TRL's)")
+    ap.add_argument("--save", default="", help="save the trained model to this folder (for a held-out evaluation)")
     args = ap.parse_args()
     work = common.setup(args)
     from datasets import Dataset
@@ -62,7 +65,7 @@ def main() -> int:
     train_args.pop("max_length")  # GRPOConfig has no max_length: prompts are short, completions capped below
     cfg = GRPOConfig(**train_args, num_generations=args.num_generations,
                      generation_batch_size=args.generation_batch, max_completion_length=args.response_length,
-                     temperature=1.0, beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1,
+                     temperature=1.0, beta=args.beta, loss_type=args.loss_type, scale_rewards="group", num_iterations=1,
                      use_vllm=False, disable_dropout=True, shuffle_dataset=True)
     if cfg.steps_per_generation != args.steps_per_generation:
         raise SystemExit(f"TRL derived steps_per_generation={cfg.steps_per_generation}, "
@@ -80,6 +83,9 @@ def main() -> int:
     trainer = Counting(model=model, reward_funcs=[arithmetic], args=cfg, train_dataset=ds, processing_class=tok,
                        callbacks=[cb])
     trainer.train()
+    if args.save:
+        trainer.save_model(args.save)
+        tok.save_pretrained(args.save)
     rewards = [lg["reward"] for lg in cb.logs if "reward" in lg]
     common.write_result(args.out, steps=cb.steps, tokens=counted["tokens"], wall_s=cb.wall_s,
                         final_loss=cb.last_loss, params=common.n_params(model), rows=len(ds),
