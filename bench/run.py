@@ -929,7 +929,7 @@ def write_report(out: Path, started, info, peak, a, repeats, versions, notes, co
            "high-water mark of allocated bytes); the memory target is judged on it. Both loop ends wait for the GPU "
            "(`torch.cuda.synchronize`). " if a.device == "cuda" else "") +
         "MFU = achieved model FLOP/s / the matmul peak above (FLOPs per token: SFT/RM 6N, DPO 8N, "
-        "PPO 2N sample + 2N ref + 2N reward + 2N value + epochs x 6(N+N_value)). Final loss is the last logged "
+        "PPO 2N sample + 2N ref + 2N reward + 2N value + epochs x 6(N+N_value); GRPO 2N sample + 6N train). Final loss is the last logged "
         "value (TRL logs the mean over its logging window). Ratios are posttrain / peer: above 1 is better "
         "for throughput, below 1 better for wall/step and memory.", "",
         "## Inputs", "",
