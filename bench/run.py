@@ -4,7 +4,7 @@
     .venv/bin/python bench/run.py --quick            # smoke run: tiny scale, few steps, 1 repeat
     .venv/bin/python bench/run.py --only sft,dpo --scales tiny,long --repeats 5
 
-For every recipe (sft, rm, dpo, ppo) and scale (tiny, small ~30M, long = SFT on 1-2k-token rows)
+For every recipe (sft, rm, dpo, ppo, grpo) and scale (tiny, small ~30M, long = SFT on 1-2k-token rows)
 it builds one model folder and one data file, runs ``posttrain RECIPE`` and the TRL peer on them
 with the same batch size, max length, steps, learning rate, seed, float32 and thread count,
 checks both did the same work, repeats each run ``--repeats`` times (alternating the two sides) and
@@ -706,7 +706,7 @@ def profile(cmd: list[str], env: dict, out: Path, timeout: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny scale, few steps, 1 repeat")
-    ap.add_argument("--only", default=",".join(RECIPES), help="recipes, comma-separated (sft,rm,dpo,ppo)")
+    ap.add_argument("--only", default=",".join(RECIPES), help="recipes, comma-separated (sft,rm,dpo,ppo,grpo)")
     ap.add_argument("--scales", default="", help="tiny,small,long,base (default: tiny,small,long; --quick: tiny)")
     ap.add_argument("--repeats", type=int, default=0, help="runs per side and case; medians reported (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch / OpenMP threads for both sides")
