@@ -4,7 +4,7 @@
     .venv/bin/python bench/run.py --quick            # smoke run: tiny scale, few steps, 1 repeat
     .venv/bin/python bench/run.py --only sft,dpo --scales tiny,long --repeats 5
 
-For every recipe (sft, rm, dpo, ppo; orpo and simpo: `posttrain dpo` with that loss_type) and scale (tiny, small ~30M, long = SFT on 1-2k-token rows)
+For every recipe (sft, rm, dpo, ppo, grpo; orpo and simpo: `posttrain dpo` with that loss_type) and scale (tiny, small ~30M, long = SFT on 1-2k-token rows)
 it builds one model folder and one data file, runs ``posttrain RECIPE`` and the TRL peer on them
 with the same batch size, max length, steps, learning rate, seed, float32 and thread count,
 checks both did the same work, repeats each run ``--repeats`` times (alternating the two sides) and
@@ -57,13 +57,16 @@ PEERS = {  # recipe -> (venv, script)
     "ppo": (BENCH / ".venv-peers-ppo", BENCH / "peers" / "trl_ppo.py"),
     "orpo": (BENCH / ".venv-peers", BENCH / "peers" / "trl_orpo.py"),
     "simpo": (BENCH / ".venv-peers", BENCH / "peers" / "trl_simpo.py"),  # CPOTrainer, loss_type simpo
+    "grpo": (BENCH / ".venv-peers", BENCH / "peers" / "trl_grpo.py"),
 }
-RECIPES = ["sft", "rm", "dpo", "ppo", "orpo", "simpo"]
-UNIT = {"sft": "sequences", "rm": "pairs", "dpo": "pairs", "ppo": "episodes", "orpo": "pairs", "simpo": "pairs"}
+RECIPES = ["sft", "rm", "dpo", "ppo", "grpo", "orpo", "simpo"]
+ONLINE = ("ppo", "grpo")  # sampled work: rows are prompts, tokens differ by design
+UNIT = {"sft": "sequences", "rm": "pairs", "dpo": "pairs", "ppo": "episodes", "grpo": "episodes", "orpo": "pairs",
+        "simpo": "pairs"}
 PAIRS = ("dpo", "orpo", "simpo")  # `posttrain dpo` with these loss types, on the same preference rows
 # the issue's targets: posttrain / peer on the recipe's headline throughput
 TARGETS = {"sft": ("tokens/s", 1.5), "dpo": ("pairs/s", 2.0), "ppo": ("episodes/s", 3.0), "orpo": ("pairs/s", 1.5),
-           "simpo": ("pairs/s", 1.5)}
+           "simpo": ("pairs/s", 1.5), "grpo": ("episodes/s", 2.0)}  # grpo: issue 14
 TOKEN_TOLERANCE = 0.02  # token counts may differ by the chat-template / EOS handling, never by more than 2%
 
 
@@ -101,10 +104,14 @@ class Plan:
     mini_batches: int = 2
     ppo_epochs: int = 2
     response_length: int = 32
+    # GRPO only: rollout_batch completions a generation (num_generations per prompt), each generation feeding
+    # steps_per_generation optimizer steps of batch_size completions; steps counts optimizer steps (TRL's unit)
+    num_generations: int = 8
+    steps_per_generation: int = 2
 
 
 def plans(quick: bool, only: list[str], scales: list[str], device: str = "cpu") -> list[Plan]:
-    lr = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-5, "orpo": 1e-6, "simpo": 1e-6}
+    lr = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-5, "orpo": 1e-6, "simpo": 1e-6, "grpo": 1e-5}
     out: list[Plan] = []
     for scale in scales:
         for r in only:
@@ -137,7 +144,10 @@ def plans(quick: bool, only: list[str], scales: list[str], device: str = "cpu") 
                 p = Plan(r, scale, "tiny", batch_size=4, steps=4 if quick else 8, lr=lr[r])
             if scale == "long":
                 p.rows_words = (-1, -1)  # sized from the tokenizer, see long_rows
-            if r != "ppo" and scale != "tiny" and not quick:
+            if r == "grpo":  # 8 generations of 4 prompts x 8 completions (quick: 2 of 2 x 4), 2 steps each
+                p.rollout_batch, p.num_generations = (8, 4) if quick else (32, 8)
+                p.batch_size, p.steps = p.rollout_batch // p.steps_per_generation, 4 if quick else 16
+            if r not in ONLINE and scale != "tiny" and not quick:
                 p.checkpointing = True
             out.append(p)
     return out
@@ -227,7 +237,8 @@ def posttrain_has(command: str) -> tuple[bool, str]:
     """True when ``posttrain COMMAND`` exists and its module imports."""
     if len(SIDES.posttrain) == 1 and not Path(SIDES.posttrain[0]).exists():
         return False, f"{SIDES.posttrain[0]} not found (run `make setup`)"
-    module = {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "orpo": "dpo", "simpo": "dpo", "tiny-model": None,
+    module = {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "orpo": "dpo", "simpo": "dpo", "grpo": "grpo",
+              "tiny-model": None,
               "task": None}.get(command)
     check = {"tiny-model": "import posttrain.models.tiny as m; m.main",
              "task": "import posttrain.tasks as m; m.main"}.get(command, f"import posttrain.recipes.{module} as m; m.main")
@@ -444,6 +455,14 @@ def posttrain_result(out_dir: Path, log: Path, p: Plan, expected_tokens: int | N
         return {"steps": len(its), "tokens": int(tokens), "units": episodes, "unit": "episodes",
                 "wall_s": sum(r["rollout/seconds"] + r["train/seconds"] for r in its),
                 "final_loss": its[-1].get("loss/policy_avg")}
+    if p.recipe == "grpo":
+        gens = [r for r in logs if "rollout/seconds" in r]
+        if not gens:
+            return None
+        return {"steps": len(gens) * p.steps_per_generation, "units": p.rollout_batch * len(gens), "unit": "episodes",
+                "tokens": int(sum(p.rollout_batch * (prompt_tokens + r["completions/mean_length"]) for r in gens)),
+                "wall_s": sum(r["rollout/seconds"] + r["train/seconds"] for r in gens),
+                "final_loss": gens[-1].get("loss"), "mean_reward": statistics.mean(r["reward"] for r in gens)}
     tps = [r["tokens_per_second"] for r in logs if r.get("tokens_per_second")]
     losses = [r for r in logs if "loss" in r and "tokens_per_second" in r]
     if not tps or not losses or not expected_tokens:
@@ -474,6 +493,13 @@ def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_len
                 "simpo": ["beta=2.0", "loss_type=simpo", "simpo_gamma=0.5"]}[p.recipe]
         return [*SIDES.posttrain, "dpo", f"model={model}", f"data.train={data}", f"max_steps={p.steps}", "grad_accum=1",
                 f"batch_size={p.batch_size}", *loss, *common]
+    if p.recipe == "grpo":  # beta 0, dapo, group scaling, epsilon 0.2, one iteration: TRL 1.16's GRPOConfig defaults
+        return [*SIDES.posttrain, "grpo", f"model={model}", f"prompts={data}", "reward.task=arithmetic",
+                f"rollout.batch_size={p.rollout_batch}", f"num_generations={p.num_generations}",
+                f"steps_per_generation={p.steps_per_generation}", f"batch_size={p.batch_size}",
+                f"total_episodes={p.batch_size * p.steps}", f"rollout.max_new_tokens={p.response_length}",
+                "rollout.temperature=1.0", "beta=0", "loss_type=dapo", "scale_rewards=group", "epsilon=0.2",
+                "num_iterations=1", *common]
     mini = p.rollout_batch // p.mini_batches
     return [*SIDES.posttrain, "ppo", f"model={model}", f"prompts={data}", f"reward.model={rm}", "critic_init=reward",
             f"rollout.batch_size={p.rollout_batch}", f"mini_batch_size={mini}", f"batch_size={mini}",
@@ -489,7 +515,11 @@ def peer_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: 
            "--data", str(data), "--out", str(out), "--max-length", str(max_length), "--steps", str(p.steps),
            "--lr", str(p.lr), "--threads", str(threads), "--seed", "0", "--log-every", str(log_every(p)),
            "--device", SIDES.device]
-    if p.recipe == "ppo":
+    if p.recipe == "grpo":
+        cmd += ["--num-generations", str(p.num_generations), "--generation-batch", str(p.rollout_batch),
+                "--steps-per-generation", str(p.steps_per_generation), "--batch-size", str(p.batch_size),
+                "--response-length", str(p.response_length), "--gradient-checkpointing", "off"]
+    elif p.recipe == "ppo":
         cmd += ["--reward-model", str(rm), "--rollout-batch", str(p.rollout_batch), "--mini-batches",
                 str(p.mini_batches), "--ppo-epochs", str(p.ppo_epochs), "--response-length", str(p.response_length)]
     else:
@@ -502,7 +532,7 @@ def peer_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: 
 
 
 def log_every(p: Plan) -> int:
-    return 1 if p.recipe == "ppo" else min(10, p.steps)
+    return 1 if p.recipe in ONLINE else min(10, p.steps)
 
 
 # --------------------------------------------------------------------------- numbers
@@ -525,6 +555,8 @@ def flops_per_token(p: Plan, params: dict[str, int]) -> float:
         return 8 * n
     if p.recipe in PAIRS:  # reference-free: the policy's pass only
         return 6 * n
+    if p.recipe == "grpo":  # sampling 2N, one training pass 6N (beta 0: no reference; on-policy old log-probs)
+        return 2 * n + 6 * n
     v = params["rm"]
     return 2 * n + 2 * n + 2 * v + 2 * v + p.ppo_epochs * 6 * (n + v)
 
@@ -572,7 +604,7 @@ def same_work(p: Plan, a: dict, b: dict, expected: int | None, trailing: tuple[i
         return False, "a side reported no token count"
     d = a["tokens"] - b["tokens"]
     rel = abs(d) / max(1, b["tokens"])
-    if p.recipe == "ppo":
+    if p.recipe in ONLINE:
         return True, (f"same steps ({a['steps']}) and episodes ({a['units']}); tokens are sampled, so they differ "
                       f"by design: posttrain {a['tokens']:.0f} vs peer {b['tokens']:.0f} ({100 * d / max(1, b['tokens']):+.1f}%)")
     n_seqs, newline_after_eot = trailing
@@ -770,8 +802,9 @@ def main(argv: list[str] | None = None) -> int:
                             2048 + 64 if long_case else 0, notes)
         rm = build_rm_init(model, work / (model.name + "-rm"))
         tok = AutoTokenizer.from_pretrained(model)
-        n_rows = (p.rollout_batch if p.recipe == "ppo" else p.batch_size) * p.steps
-        kind = {"sft": "sft", "ppo": "prompts"}.get(p.recipe, "prefs")
+        n_rows = {"ppo": p.rollout_batch * p.steps, "grpo": p.batch_size * p.steps // p.num_generations}.get(
+            p.recipe, p.batch_size * p.steps)
+        kind = {"sft": "sft", "ppo": "prompts", "grpo": "prompts"}.get(p.recipe, "prefs")
         if p.scale == "long":
             rows = long_rows(tok, n_rows)
             notes.append(f"long case: bench/data.py rows of 1000-2000 tokens ({len(rows)} rows)")
@@ -784,9 +817,9 @@ def main(argv: list[str] | None = None) -> int:
         data_file = bench_data.write_jsonl(case / f"{kind}.jsonl", rows)
         lens = token_lengths(tok, kind, rows)
         # non-pad tokens both sides must process (PPO: sampled, so none expected)
-        expected_tokens = sum(lens) if p.recipe != "ppo" else None
+        expected_tokens = sum(lens) if p.recipe not in ONLINE else None
         max_length = round_up(max(lens) + 8, 64)
-        if p.recipe == "ppo":
+        if p.recipe in ONLINE:
             max_length = round_up(max(lens) + p.response_length + 8, 64)
         params = {"policy": count_params(model), "rm": count_params(rm, "seq")}
         fpt = flops_per_token(p, params)
@@ -823,6 +856,14 @@ def main(argv: list[str] | None = None) -> int:
             sec.append(f"Work: {p.steps} PPO iterations x {p.rollout_batch} episodes, response length {p.response_length}, "
                        f"{p.ppo_epochs} PPO epochs x {p.mini_batches} minibatches, lr {p.lr}, max_length {max_length}. "
                        "Gradient checkpointing: off for both sides (TRL's PPOTrainer never turns it on).")
+        elif p.recipe == "grpo":
+            sec.append(f"Work: {p.steps // p.steps_per_generation} generations x {p.rollout_batch} episodes "
+                       f"({p.rollout_batch // p.num_generations} prompts x {p.num_generations} completions), completion "
+                       f"length {p.response_length}, {p.steps_per_generation} optimizer steps of {p.batch_size} "
+                       f"completions a generation ({p.steps} steps), lr {p.lr}, max_length {max_length}; beta 0 (no "
+                       "reference model on either side), loss_type dapo, scale_rewards group, epsilon 0.2, one "
+                       "iteration, temperature 1, the arithmetic verifier as the reward. TRL generates with "
+                       "`generate` (KV cache), no vLLM. Gradient checkpointing: off for both sides.")
         else:
             sec.append(f"Work: {p.steps} steps x batch {p.batch_size} ({UNIT[p.recipe]}), max_length {max_length}, lr {p.lr}; "
                        f"row lengths (tokens) min {min(lens)} / median {statistics.median(lens):.0f} / max {max(lens)}.")
@@ -905,7 +946,8 @@ def write_report(out: Path, started, info, peak, a, repeats, versions, notes, co
            "high-water mark of allocated bytes); the memory target is judged on it. Both loop ends wait for the GPU "
            "(`torch.cuda.synchronize`). " if a.device == "cuda" else "") +
         "MFU = achieved model FLOP/s / the matmul peak above (FLOPs per token: SFT/RM 6N, DPO 8N, ORPO/SimPO 6N, "
-        "PPO 2N sample + 2N ref + 2N reward + 2N value + epochs x 6(N+N_value)). Final loss is the last logged "
+        "PPO 2N sample + 2N ref + 2N reward + 2N value + epochs x 6(N+N_value); GRPO 2N sample + 6N train). Final loss "
+        "is the last logged "
         "value (TRL logs the mean over its logging window). Ratios are posttrain / peer: above 1 is better "
         "for throughput, below 1 better for wall/step and memory.", "",
         "## Inputs", "",
