@@ -54,7 +54,7 @@ from posttrain.losses import (aggregate, aggregate_count, clipped_surrogate, gro
 from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_causal_lm, load_tokenizer,
                               reference_context, token_logprobs)
 from posttrain.recipes.common import resume_step, save_final
-from posttrain.recipes.prompts import Prompts, gold_metrics, load_gold_task, load_prompts, prompt_sources, reward_context
+from posttrain.recipes.prompts import Prompts, gold_metrics, load_inputs, reward_context
 from posttrain.rewards import build_reward, prompt_text, score_parts
 from posttrain.rollout.sampler import RolloutBatch, Sampler, assemble_batch
 
@@ -341,9 +341,7 @@ def main(cfg: GRPOConfig) -> dict:
     check_config(cfg, run.dist.world_size)
     device, amp = run.device, autocast_dtype(cfg, run.device)
     tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
-    sources = prompt_sources(cfg)
-    prompts = load_prompts(sources, cfg, tok, cfg.data.max_rows)
-    task, held_out = load_gold_task(cfg, tok, sources)
+    prompts, task, held_out = load_inputs(cfg, tok)
     policy, ref = load_models(cfg, tok, device)
     reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
                           attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)

@@ -62,7 +62,7 @@ from posttrain.recipes.common import resume_step, save_final
 from posttrain.recipes.dpo import (adapter_free_reference, cache_reference, check_config, collate_dpo, dpo_objective,
                                    frozen_reference, sequence_tokens)
 from posttrain.recipes.prompts import (Prompts, apply_missing_eos_penalty, check_missing_eos_penalty, gold_accuracy,
-                                      load_gold_task, load_prompts, prompt_sources, reward_context, reward_part_stats)
+                                       load_inputs, reward_context, reward_part_stats)
 from posttrain.rewards import build_reward, reward_names, score_parts
 from posttrain.rollout.sampler import Sampler
 
@@ -187,9 +187,7 @@ def main(cfg: OnlineDPOConfig) -> dict:
     run = setup_run(cfg, "online-dpo")
     tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
     device, is_main = run.device, run.dist.is_main
-    sources = prompt_sources(cfg)
-    prompts = load_prompts(sources, cfg, tok, cfg.data.max_rows)
-    task, held_out = load_gold_task(cfg, tok, sources)
+    prompts, task, held_out = load_inputs(cfg, tok)
     reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
                           attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     load = lambda path, keep_float32=True: disable_dropout(load_causal_lm(  # noqa: E731 - a reference: float32

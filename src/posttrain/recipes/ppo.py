@@ -81,9 +81,8 @@ from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_ca
 from posttrain.rewards import build_reward, prompt_text, reward_names, score_parts
 from posttrain.rewards.model import reward_folder
 from posttrain.recipes.common import resume_step, save_final
-from posttrain.recipes.prompts import (Prompts, apply_missing_eos_penalty, check_missing_eos_penalty,
-                                      gold_metrics, load_gold_task, load_prompts, prompt_sources, reward_context,
-                                      reward_part_stats)
+from posttrain.recipes.prompts import (Prompts, apply_missing_eos_penalty, check_missing_eos_penalty, gold_metrics,
+                                       load_inputs, reward_context, reward_part_stats)
 from posttrain.rollout.sampler import Sampler
 
 # --------------------------------------------------------------------------- set-up
@@ -382,9 +381,7 @@ def main(cfg: PPOConfig) -> dict:
     check_world(cfg, run.dist.world_size)
     device, amp = run.device, autocast_dtype(cfg, run.device)
     tok = load_tokenizer(cfg.model, cfg.data.chat_template, trust_remote_code=cfg.trust_remote_code)
-    sources = prompt_sources(cfg)
-    prompts = load_prompts(sources, cfg, tok, cfg.data.max_rows)
-    task, held_out = load_gold_task(cfg, tok, sources)
+    prompts, task, held_out = load_inputs(cfg, tok)
     models = load_models(cfg, tok, device)
     reward = build_reward(cfg.reward, device=device, tokenizer=tok, dtype=cfg.dtype,
                           attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)

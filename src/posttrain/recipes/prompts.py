@@ -125,6 +125,13 @@ def load_gold_task(cfg: Any, tok, sources: list[str]):
     return get_task(cfg.eval_task), load_prompts(held_out_sources(cfg, sources), cfg, tok, cfg.eval_prompts)
 
 
+def load_inputs(cfg: Any, tok) -> tuple[Prompts, Any, Prompts | None]:
+    """An online recipe's inputs: (the training prompts of `prompts` / `data.train`, the first `data.max_rows`;
+    the `eval_task` or None; its held-out prompts or None)."""
+    sources = prompt_sources(cfg)
+    return (load_prompts(sources, cfg, tok, cfg.data.max_rows), *load_gold_task(cfg, tok, sources))
+
+
 @torch.no_grad()
 def gold_accuracy(sampler, tok, task, prompts: Prompts, dist: DistInfo | None,
                   generator: torch.Generator | None = None) -> tuple[float, float | None]:
