@@ -37,7 +37,7 @@ posttrain tiny-model runs/tiny
 posttrain sft examples/sft_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0
 posttrain sft examples/sft_classify.yaml max_steps=2 batch_size=8 logging.eval_steps=2
 posttrain task arithmetic data/arith n_train=16 n_eval=4
-posttrain rm examples/rm_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0
+posttrain rm examples/rm_tiny.yaml max_steps=2 data.max_rows=64 batch_size=8 logging.eval_steps=2 save.steps=0
 posttrain ppo examples/ppo_tiny.yaml total_episodes=8 rollout.batch_size=8 mini_batch_size=8 batch_size=8 \
   ppo_epochs=1 eval_prompts=4 save.steps=0
 posttrain ppo examples/ppo_tiny.yaml output_dir=runs/grpo-tiny advantage_estimator=grpo \
@@ -47,10 +47,10 @@ posttrain grpo examples/grpo_tiny.yaml output_dir=runs/grpo-cmd-tiny total_episo
   num_generations=4 steps_per_generation=1 batch_size=8 eval_prompts=4 save.steps=0
 posttrain ppo examples/ppo_math.yaml model=runs/tiny total_episodes=8 rollout.batch_size=8 mini_batch_size=8 \
   batch_size=8 ppo_epochs=1 eval_prompts=4 rollout.max_new_tokens=8
-posttrain dpo examples/dpo_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0
-posttrain kto examples/kto_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0
-posttrain dpo examples/simpo_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0
-posttrain dpo examples/orpo_tiny.yaml max_steps=2 batch_size=8 logging.eval_steps=2 save.steps=0
+posttrain dpo examples/dpo_tiny.yaml max_steps=2 data.max_rows=64 batch_size=8 logging.eval_steps=2 save.steps=0
+posttrain kto examples/kto_tiny.yaml max_steps=2 data.max_rows=64 batch_size=8 logging.eval_steps=2 save.steps=0
+posttrain dpo examples/simpo_tiny.yaml max_steps=2 data.max_rows=64 batch_size=8 logging.eval_steps=2 save.steps=0
+posttrain dpo examples/orpo_tiny.yaml max_steps=2 data.max_rows=64 batch_size=8 logging.eval_steps=2 save.steps=0
 posttrain online-dpo examples/online_dpo_tiny.yaml rounds=1 prompts_per_round=4 samples_per_prompt=2 batch_size=4 \
   eval_prompts=4
 posttrain eval runs/ppo-tiny/final task=arithmetic ref_model=runs/sft-tiny/final num_prompts=4 num_samples=2
