@@ -143,3 +143,33 @@ def test_unknown_demo_task_is_rejected(tmp_path, capsys):
     assert main(["demo", "--task", "poetry", f"output_dir={tmp_path}"]) == 2
     assert "config key `task`: unknown value `poetry` (valid: arithmetic, sentiment)" in capsys.readouterr().err
     assert DemoConfig().force is False
+
+
+def test_a_signal_during_a_training_stage_stops_the_whole_demo(tmp_path, capsys, monkeypatch):
+    """SIGTERM reaches the stage's training loop (which saves a checkpoint and returns normally); the demo must not
+    go on to the next stage. The stage is a stand-in that receives a real SIGTERM inside its own StopSignal."""
+    import signal as sig
+
+    import posttrain.cli
+    from posttrain.engine.signals import StopSignal
+    from posttrain.errors import TrainingError
+    from posttrain.recipes.demo import run_stage
+
+    ran = []
+
+    def stage_main(argv):
+        ran.append(argv[0])
+        with StopSignal() as stop:
+            os.kill(os.getpid(), sig.SIGTERM)
+            assert stop.requested  # the handler ran: the loop would now save and return
+        return 0
+
+    monkeypatch.setattr(posttrain.cli, "main", stage_main)
+    stage = pipeline("arithmetic", tmp_path)[2]  # sft
+    with pytest.raises(TrainingError, match="demo stopped by SIGTERM during stage `sft`"):
+        run_stage(stage, ["sft", "examples/demo/sft.yaml"], tmp_path, fresh_start=False)
+    assert ran == ["sft"]
+    ran.clear()
+    monkeypatch.setattr(posttrain.cli, "main", lambda argv: ran.append(argv[0]) or 0)
+    assert run_stage(stage, ["sft", "examples/demo/sft.yaml"], tmp_path, fresh_start=False) >= 0  # no stale flag
+    assert ran == ["sft"]

@@ -22,6 +22,7 @@ class StopSignal:
     """Context manager: while inside, SIGTERM/SIGINT set ``requested`` instead of killing the process."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    received: int | None = None  # the last signal any StopSignal caught in this process (`posttrain demo` reads it)
 
     def __init__(self) -> None:
         self.requested = False
@@ -33,6 +34,7 @@ class StopSignal:
             raise KeyboardInterrupt
         self.requested = True
         self.signum = signum
+        StopSignal.received = signum
 
     def __enter__(self) -> StopSignal:
         # Signal handlers can only be installed from the main thread; elsewhere the flag stays off.

@@ -35,13 +35,15 @@ Choices:
 - A stage is skipped when its output (`final/config.json`, `eval.json`, ...) exists and is newer than the outputs
   of the stages it reads, so a rerun after a failure continues from the stage that failed (which starts over
   from scratch); `--force` reruns everything. A stage that fails stops the demo with its error; what earlier
-  stages wrote stays.
+  stages wrote stays. SIGTERM or Ctrl-C stops the demo, not only its current stage: a training stage saves its
+  checkpoint as it always does on a signal, then the demo exits naming the stage.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ from pathlib import Path
 
 from posttrain.cli import EXAMPLES
 from posttrain.config import ConfigError, DemoConfig
+from posttrain.engine.signals import StopSignal
 from posttrain.errors import TrainingError
 from posttrain.report.demo import METHODS, write_demo_report, write_seeds_report
 
@@ -221,12 +224,17 @@ def run_stage(stage: Stage, argv: list[str], out: Path, *, fresh_start: bool) ->
     # `examples/...`, which `posttrain` finds from any folder
     print("+ posttrain " + " ".join([argv[0], _shown(argv[1]), *argv[2:]]), flush=True)
     start = time.perf_counter()
+    StopSignal.received = None
     try:
         code = cli_main(argv)
     except Exception as e:  # a bug, not a user error: keep the traceback for the report
         traceback.print_exc()
         raise TrainingError(f"demo stage `{stage.name}` failed: {type(e).__name__}: {e}. The outputs of earlier "
                             f"stages are kept in {out}; rerun the demo to continue from this stage") from e
+    if StopSignal.received is not None:  # the stage's loop saved a checkpoint and returned: the demo stops too
+        name = signal.Signals(StopSignal.received).name
+        raise TrainingError(f"demo stopped by {name} during stage `{stage.name}`; the outputs of earlier stages are "
+                            f"kept in {out}; rerun the demo to continue from this stage")
     if code != 0:
         raise TrainingError(f"demo stage `{stage.name}` failed (`posttrain {stage.command}` exited with {code}; its "
                             f"error is printed above). The outputs of earlier stages are kept in {out}; rerun the "
