@@ -239,8 +239,8 @@ def posttrain_has(command: str) -> tuple[bool, str]:
     """True when ``posttrain COMMAND`` exists and its module imports."""
     if len(SIDES.posttrain) == 1 and not Path(SIDES.posttrain[0]).exists():
         return False, f"{SIDES.posttrain[0]} not found (run `make setup`)"
-    module = {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "orpo": "dpo", "simpo": "dpo", "grpo": "grpo", "kto": "kto",
-              "tiny-model": None,
+    module = {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "orpo": "dpo", "simpo": "dpo", "grpo": "grpo",
+              "kto": "kto", "tiny-model": None,
               "task": None}.get(command)
     check = {"tiny-model": "import posttrain.models.tiny as m; m.main",
              "task": "import posttrain.tasks as m; m.main"}.get(command, f"import posttrain.recipes.{module} as m; m.main")
