@@ -4,7 +4,7 @@
     .venv/bin/python bench/run.py --quick            # smoke run: tiny scale, few steps, 1 repeat
     .venv/bin/python bench/run.py --only sft,dpo --scales tiny,long --repeats 5
 
-For every recipe (sft, rm, dpo, ppo, grpo; orpo and simpo: `posttrain dpo` with that loss_type) and scale (tiny, small ~30M, long = SFT on 1-2k-token rows)
+For every recipe (sft, rm, dpo, ppo, grpo, kto; orpo and simpo: `posttrain dpo` with that loss_type) and scale (tiny, small ~30M, long = SFT on 1-2k-token rows)
 it builds one model folder and one data file, runs ``posttrain RECIPE`` and the TRL peer on them
 with the same batch size, max length, steps, learning rate, seed, float32 and thread count,
 checks both did the same work, repeats each run ``--repeats`` times (alternating the two sides) and
@@ -58,15 +58,17 @@ PEERS = {  # recipe -> (venv, script)
     "orpo": (BENCH / ".venv-peers", BENCH / "peers" / "trl_orpo.py"),
     "simpo": (BENCH / ".venv-peers", BENCH / "peers" / "trl_simpo.py"),  # CPOTrainer, loss_type simpo
     "grpo": (BENCH / ".venv-peers", BENCH / "peers" / "trl_grpo.py"),
+    "kto": (BENCH / ".venv-peers", BENCH / "peers" / "trl_kto.py"),  # trl.KTOTrainer, loss_type kto
 }
-RECIPES = ["sft", "rm", "dpo", "ppo", "grpo", "orpo", "simpo"]
+RECIPES = ["sft", "rm", "dpo", "ppo", "grpo", "orpo", "simpo", "kto"]
 ONLINE = ("ppo", "grpo")  # sampled work: rows are prompts, tokens differ by design
 UNIT = {"sft": "sequences", "rm": "pairs", "dpo": "pairs", "ppo": "episodes", "grpo": "episodes", "orpo": "pairs",
-        "simpo": "pairs"}
+        "simpo": "pairs", "kto": "rows"}
 PAIRS = ("dpo", "orpo", "simpo")  # `posttrain dpo` with these loss types, on the same preference rows
 # the issue's targets: posttrain / peer on the recipe's headline throughput
 TARGETS = {"sft": ("tokens/s", 1.5), "dpo": ("pairs/s", 2.0), "ppo": ("episodes/s", 3.0), "orpo": ("pairs/s", 1.5),
-           "simpo": ("pairs/s", 1.5), "grpo": ("episodes/s", 2.0)}  # grpo: issue 14
+           "simpo": ("pairs/s", 1.5), "grpo": ("episodes/s", 2.0),  # grpo: issue 14
+           "kto": ("rows/s", 1.5)}  # kto: issue 15, unpaired rows (prompt, completion, label) per second
 TOKEN_TOLERANCE = 0.02  # token counts may differ by the chat-template / EOS handling, never by more than 2%
 
 
@@ -111,7 +113,7 @@ class Plan:
 
 
 def plans(quick: bool, only: list[str], scales: list[str], device: str = "cpu") -> list[Plan]:
-    lr = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-5, "orpo": 1e-6, "simpo": 1e-6, "grpo": 1e-5}
+    lr = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-5, "orpo": 1e-6, "simpo": 1e-6, "grpo": 1e-5, "kto": 1e-6}
     out: list[Plan] = []
     for scale in scales:
         for r in only:
@@ -238,7 +240,7 @@ def posttrain_has(command: str) -> tuple[bool, str]:
     if len(SIDES.posttrain) == 1 and not Path(SIDES.posttrain[0]).exists():
         return False, f"{SIDES.posttrain[0]} not found (run `make setup`)"
     module = {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "orpo": "dpo", "simpo": "dpo", "grpo": "grpo",
-              "tiny-model": None,
+              "kto": "kto", "tiny-model": None,
               "task": None}.get(command)
     check = {"tiny-model": "import posttrain.models.tiny as m; m.main",
              "task": "import posttrain.tasks as m; m.main"}.get(command, f"import posttrain.recipes.{module} as m; m.main")
@@ -307,7 +309,8 @@ def task_rows(out: Path, n: int, notes: list[str]) -> dict[str, list[dict]] | No
 
 
 def token_lengths(tok, kind: str, rows: list[dict]) -> list[int]:
-    """Tokens of every sequence the rows make under the chat template (prefs: chosen and rejected)."""
+    """Tokens of every sequence the rows make under the chat template (prefs: chosen and rejected; kto: each row's
+    prompt + completion)."""
     def n(msgs, gen=False):
         enc = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=True)
         return len(enc["input_ids"])
@@ -322,7 +325,67 @@ def token_lengths(tok, kind: str, rows: list[dict]) -> list[int]:
         return [n(r["messages"]) for r in rows]
     if kind == "prefs":
         return [n(user(r["prompt"]) + asst(r[k])) for r in rows for k in ("chosen", "rejected")]
+    if kind == "kto":
+        return [n(user(r["prompt"]) + asst(r["completion"])) for r in rows]
     return [n(user(r["prompt"]), gen=True) for r in rows]
+
+
+def kto_rows(pairs: list[dict], n: int) -> list[dict]:
+    """n unpaired KTO rows ``{"prompt", "completion", "label"}`` from n/2 preference pairs: every pair's chosen
+    completion once (label true) and its rejected one once (false), in the order d_0, u_h, d_1, u_(h+1), ...
+    (h = n/4): each run of consecutive rows is half desirable, half undesirable, and no two neighbours share a
+    prompt. TRL's KTOTrainer samples the rows in this order (its KL pairs need sequential sampling) and takes each
+    row's mismatched completion from its neighbour in the batch, so the order keeps those pairs mismatched."""
+    m = n // 2
+    ps = take(pairs, m)
+    h = m // 2
+    out = []
+    for k in range(m):
+        d, u = ps[k], ps[(k + h) % m]
+        out += [{"prompt": d["prompt"], "completion": d["chosen"], "label": True},
+                {"prompt": u["prompt"], "completion": u["rejected"], "label": False}]
+    return out
+
+
+def kto_peer_kl_tokens(tok, rows: list[dict], batch_size: int) -> int:
+    """Tokens of TRL's mismatched pairs under the template: within each batch-sized chunk of the rows (dataset
+    order), row i's prompt with row i-1's completion (the first row taking the last's)."""
+    def n(msgs, gen=False):
+        return len(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"])
+
+    prompt = [n([{"role": "user", "content": r["prompt"]}], gen=True) for r in rows]
+    full = token_lengths(tok, "kto", rows)
+    total = 0
+    for lo in range(0, len(rows), batch_size):
+        idx = list(range(lo, min(lo + batch_size, len(rows))))
+        for a, b in zip(idx, [idx[-1]] + idx[:-1]):
+            total += prompt[a] + full[b] - prompt[b]
+    return total
+
+
+def posttrain_kto_tokens(model: Path, data: Path, max_length: int, seed: int = 0) -> dict | None:
+    """What `posttrain kto` counts in its logged ``tokens_per_second``, computed with posttrain's own functions
+    (the tokenizer, the unpaired rows, `assign_mismatched` with the run's seed), in posttrain's interpreter:
+    {"rows", "tokens_rows" (prompt + completion of every row), "tokens_kl" (prompt + its mismatched completion)}.
+    The harness reads posttrain's loop time as these tokens / the logged rate, so it needs them exactly."""
+    code = (
+        "import json, sys\n"
+        "from posttrain.models import load_tokenizer\n"
+        "from posttrain.data import load_examples, tokenize_examples\n"
+        "from posttrain.recipes.kto import unpair, assign_mismatched\n"
+        "model, data, L, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])\n"
+        "tok = load_tokenizer(model)\n"
+        "ex, _ = load_examples([data], 'unpaired')\n"
+        "items = unpair(tokenize_examples(tok, ex, max_length=L))\n"
+        "assign_mismatched(items, seed, L)\n"
+        "print(json.dumps({'rows': len(items),"
+        " 'tokens_rows': sum(len(i['prompt_ids']) + len(i['completion_ids']) for i in items),"
+        " 'tokens_kl': sum(len(i['prompt_ids']) + len(i['kl_ids']) for i in items)}))\n")
+    r = run_quiet([SIDES.python, "-c", code, str(model), str(data), str(max_length), str(seed)], env=child_env(1))
+    if r.returncode != 0:
+        print(f"  posttrain kto token count failed: {r.stderr.strip()[-300:]}", flush=True)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def after_end_of_turn(tok, kind: str, rows: list[dict]) -> tuple[int, bool]:
@@ -331,10 +394,10 @@ def after_end_of_turn(tok, kind: str, rows: list[dict]) -> tuple[int, bool]:
     posttrain stops a preference sequence right after the end-of-turn token (nothing after it is trained on);
     TRL keeps the template's trailing newline. When this holds, posttrain's count is the harness's minus one
     token per sequence, and that is the whole difference."""
-    if kind != "prefs" or tok.eos_token_id is None:
+    if kind not in ("prefs", "kto") or tok.eos_token_id is None:
         return 0, False
     seqs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[k]}]
-            for r in rows for k in ("chosen", "rejected")]
+            for r in rows for k in (("completion",) if kind == "kto" else ("chosen", "rejected"))]
     for msgs in seqs:
         ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
         if len(ids) < 2 or ids[-2] != tok.eos_token_id or tok.decode(ids[-1:]).strip(" ") != "\n":
@@ -431,17 +494,20 @@ def measure(cmd: list[str], json_path: Path | None, env: dict, timeout: int, log
     return Run(True, result, rss_mb=rss, process_s=wall)
 
 
-REF_PASS = re.compile(r"reference log-probs cached for \d+ pairs in ([0-9.]+) s")
+REF_PASS = re.compile(r"reference log-probs cached for \d+ (?:pairs|rows and their mismatched pairs) in ([0-9.]+) s")
 
 
-def posttrain_result(out_dir: Path, log: Path, p: Plan, expected_tokens: int | None, prompt_tokens: float) -> dict | None:
+def posttrain_result(out_dir: Path, log: Path, p: Plan, expected_tokens: int | None, prompt_tokens: float,
+                     kto_tokens: dict | None = None) -> dict | None:
     """posttrain's result, read from what any run writes (``metrics.jsonl``, its log), with the peers' fields.
 
     Steps and the final loss are logged. The loop's wall time: PPO logs ``rollout/seconds`` and ``train/seconds`` of
     every iteration (their sum); the others log ``tokens_per_second`` per logging window, so the loop takes the
     harness's own token count of the rows / their mean (windows of equal steps), plus, for DPO, the reference pass
     its log reports (a peer does that work inside its steps). Tokens: the harness's count of the rows (PPO: per
-    episode, the mean prompt tokens + the logged mean response length). Peak memory is the harness's wait4 rusage."""
+    episode, the mean prompt tokens + the logged mean response length; KTO: posttrain's own count of the rows and of
+    their mismatched pairs, `posttrain_kto_tokens`, which is what its logged rate counts, plus its logged reference
+    pass over both). Peak memory is the harness's wait4 rusage."""
     f = out_dir / "metrics.jsonl"
     if not f.exists():
         return None
@@ -465,6 +531,13 @@ def posttrain_result(out_dir: Path, log: Path, p: Plan, expected_tokens: int | N
                 "final_loss": gens[-1].get("loss"), "mean_reward": statistics.mean(r["reward"] for r in gens)}
     tps = [r["tokens_per_second"] for r in logs if r.get("tokens_per_second")]
     losses = [r for r in logs if "loss" in r and "tokens_per_second" in r]
+    extra = {}
+    if p.recipe == "kto":
+        if not kto_tokens:
+            return None
+        expected_tokens = kto_tokens["tokens_rows"] + kto_tokens["tokens_kl"]
+        extra = {"tokens_rows": kto_tokens["tokens_rows"], "tokens_kl": kto_tokens["tokens_kl"],
+                 "final_kl": losses[-1].get("kl") if losses else None}
     if not tps or not losses or not expected_tokens:
         return None
     wall = expected_tokens / statistics.mean(tps)
@@ -472,7 +545,7 @@ def posttrain_result(out_dir: Path, log: Path, p: Plan, expected_tokens: int | N
     if found:
         wall += float(found.group(1))
     return {"steps": max(r.get("step", 0) for r in losses), "tokens": expected_tokens, "wall_s": wall,
-            "final_loss": losses[-1]["loss"]}
+            "final_loss": losses[-1]["loss"], **extra}
 
 
 def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: int) -> list[str]:
@@ -493,6 +566,10 @@ def posttrain_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_len
                 "simpo": ["beta=2.0", "loss_type=simpo", "simpo_gamma=0.5"]}[p.recipe]
         return [*SIDES.posttrain, "dpo", f"model={model}", f"data.train={data}", f"max_steps={p.steps}", "grad_accum=1",
                 f"batch_size={p.batch_size}", *loss, *common]
+    if p.recipe == "kto":  # the rows in file order (TRL's KTOTrainer must sample sequentially): the same rows a step
+        return [*SIDES.posttrain, "kto", f"model={model}", f"data.train={data}", f"max_steps={p.steps}", "grad_accum=1",
+                f"batch_size={p.batch_size}", "beta=0.1", "desirable_weight=1.0", "undesirable_weight=1.0",
+                "data.shuffle=false", *common]
     if p.recipe == "grpo":  # beta 0, dapo, group scaling, epsilon 0.2, one iteration: TRL 1.16's GRPOConfig defaults
         return [*SIDES.posttrain, "grpo", f"model={model}", f"prompts={data}", "reward.task=arithmetic",
                 f"rollout.batch_size={p.rollout_batch}", f"num_generations={p.num_generations}",
@@ -528,6 +605,8 @@ def peer_cmd(p: Plan, model: Path, rm: Path, data: Path, out: Path, max_length: 
         cmd += ["--beta", "0.1"]
     if p.recipe == "simpo":
         cmd += ["--beta", "2.0", "--simpo-gamma", "0.5"]
+    if p.recipe == "kto":
+        cmd += ["--beta", "0.1", "--desirable-weight", "1.0", "--undesirable-weight", "1.0"]
     return cmd
 
 
@@ -554,6 +633,11 @@ def flops_per_token(p: Plan, params: dict[str, int]) -> float:
     if p.recipe == "dpo":
         return 8 * n
     if p.recipe in PAIRS:  # reference-free: the policy's pass only
+        return 6 * n
+    if p.recipe == "kto":
+        # per row token: trained policy 6N + reference 2N; per mismatched-pair token: policy 2N (no grad) + reference
+        # 2N. Counted tokens are rows + pairs, about half each (the pairs re-use the rows' prompts and completions):
+        # (8N + 4N) / 2 = 6N a counted token, the same charge to both sides
         return 6 * n
     if p.recipe == "grpo":  # sampling 2N, one training pass 6N (beta 0: no reference; on-policy old log-probs)
         return 2 * n + 6 * n
@@ -589,6 +673,46 @@ def summarize(runs: list[Run], p: Plan, fpt: float, peak: float) -> dict | None:
     }
     s["mfu"] = s["tokens_per_s"] * fpt / peak if s["tokens_per_s"] else None
     return s
+
+
+def same_work_kto(a: dict, b: dict, kto: dict, trailing: tuple[int, bool]) -> tuple[bool, str]:
+    """KTO: steps and rows equal; tokens = the rows + their mismatched pairs, each part checked apart.
+
+    ``kto``: the harness's template count of the rows (``rows_template``) and of TRL's mismatched pairs
+    (``kl_peer_expected``, `kto_peer_kl_tokens`), each side's own two parts (``pt_rows``/``pt_kl``: posttrain's
+    count with its own functions; ``peer_rows``/``peer_kl``: what the peer's batches held)."""
+    if a["steps"] != b["steps"] or a["units"] != b["units"]:
+        return False, f"steps / rows differ: posttrain {a['steps']} / {a['units']} vs peer {b['steps']} / {b['units']}"
+    n_seqs, newline_after_eot = trailing
+    notes, ok = [], True
+    if kto["peer_rows"] != kto["rows_template"] or kto["peer_kl"] != kto["kl_peer_expected"]:
+        ok = False
+        notes.append(f"the peer's tokens are not the harness's count of its batches (rows {kto['peer_rows']} vs "
+                     f"{kto['rows_template']}, mismatched pairs {kto['peer_kl']} vs {kto['kl_peer_expected']})")
+    rows_d = kto["peer_rows"] - kto["pt_rows"]
+    if not (newline_after_eot and rows_d == n_seqs):
+        ok = False
+        notes.append(f"the rows' tokens differ by {rows_d}, not by the one newline token a row ({n_seqs})")
+    kl_d = kto["peer_kl"] - kto["pt_kl"]
+    # the newline (one token a row and one a pair) is explained; what is left must be within the tolerance
+    rest = abs(kl_d - n_seqs) / max(1, b["tokens"])
+    ok = ok and rest <= TOKEN_TOLERANCE
+    msg = (f"same steps ({a['steps']}) and rows ({a['units']}); tokens = the rows + their mismatched (KL) pairs, "
+           f"posttrain {a['tokens']:.0f} ({kto['pt_rows']} + {kto['pt_kl']}) vs peer {b['tokens']:.0f} "
+           f"({kto['peer_rows']} + {kto['peer_kl']}), {100 * (a['tokens'] - b['tokens']) / max(1, b['tokens']):+.2f}%; "
+           f"less the newline explained below, {100 * rest:.2f}% ({'within' if rest <= TOKEN_TOLERANCE else 'OUTSIDE'} "
+           f"the {100 * TOKEN_TOLERANCE:.0f}% allowed). "
+           f"Rows: the peer's count equals the harness's count of the rows under the template ({kto['rows_template']}), "
+           f"posttrain's is exactly one token a row fewer ({n_seqs} rows): the template's newline after the "
+           "end-of-turn token, which posttrain does not train on. Mismatched pairs (the same number on both sides, "
+           f"one a row): {kl_d} tokens fewer on posttrain's side, {n_seqs} of them that newline again, the other "
+           f"{kl_d - n_seqs:+d} from which completion each prompt is paired with (TRL: the previous row's within "
+           "its batch, a rotation, so its pairs hold exactly the batch's completions, "
+           f"{kto['kl_peer_expected']} by the harness's count; posttrain: a seeded shuffle over all rows, skipping a "
+           "completion of the same prompt, fixed before training and counted with posttrain's own functions)")
+    if notes:
+        msg += "; **" + "; ".join(notes) + "**"
+    return ok, msg
 
 
 def same_work(p: Plan, a: dict, b: dict, expected: int | None, trailing: tuple[int, bool] = (0, False)) -> tuple[bool, str]:
@@ -804,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = AutoTokenizer.from_pretrained(model)
         n_rows = {"ppo": p.rollout_batch * p.steps, "grpo": p.batch_size * p.steps // p.num_generations}.get(
             p.recipe, p.batch_size * p.steps)
-        kind = {"sft": "sft", "ppo": "prompts", "grpo": "prompts"}.get(p.recipe, "prefs")
+        kind = {"sft": "sft", "ppo": "prompts", "grpo": "prompts", "kto": "kto"}.get(p.recipe, "prefs")
         if p.scale == "long":
             rows = long_rows(tok, n_rows)
             notes.append(f"long case: bench/data.py rows of 1000-2000 tokens ({len(rows)} rows)")
@@ -813,7 +937,8 @@ def main(argv: list[str] | None = None) -> int:
             src = task_rows(work / "task", max(n_rows, 256), notes) if use_task else None
             if src is None:
                 notes.append(f"{p.recipe}: bench/data.py mixed-length rows ({p.rows_words[0]}-{p.rows_words[1]} words a turn)")
-            rows = take((src or bench_data.make_rows(max(n_rows, 256), 0, *p.rows_words))[kind], n_rows)
+            pool = src or bench_data.make_rows(max(n_rows, 256), 0, *p.rows_words)
+            rows = kto_rows(pool["prefs"], n_rows) if kind == "kto" else take(pool[kind], n_rows)
         data_file = bench_data.write_jsonl(case / f"{kind}.jsonl", rows)
         lens = token_lengths(tok, kind, rows)
         # non-pad tokens both sides must process (PPO: sampled, so none expected)
@@ -821,6 +946,11 @@ def main(argv: list[str] | None = None) -> int:
         max_length = round_up(max(lens) + 8, 64)
         if p.recipe in ONLINE:
             max_length = round_up(max(lens) + p.response_length + 8, 64)
+        kto_counts: dict = {}
+        if p.recipe == "kto":  # room for any prompt with any completion: no mismatched pair is cut on either side
+            plen = token_lengths(tok, "prompts", [{"prompt": r["prompt"]} for r in rows])
+            max_length = round_up(max(plen) + max(n - q for n, q in zip(lens, plen)) + 8, 64)
+            kto_counts = {"rows_template": sum(lens), "kl_peer_expected": kto_peer_kl_tokens(tok, rows, p.batch_size)}
         params = {"policy": count_params(model), "rm": count_params(rm, "seq")}
         fpt = flops_per_token(p, params)
         peer_json = case / "peer.json"
@@ -836,12 +966,14 @@ def main(argv: list[str] | None = None) -> int:
         peer_py = peer_py if peer_py.exists() else Path(shutil.which(str(peer_py)) or peer_py)
         pt_runs: list[Run] = []
         peer_runs: list[Run] = []
+        pt_kto = posttrain_kto_tokens(model, data_file, max_length) if p.recipe == "kto" and have_pt else None
         for i in range(repeats):
             if have_pt:
                 shutil.rmtree(case / "posttrain-out", ignore_errors=True)
                 pt_log = case / f"posttrain-{i}.log"
                 r = measure(pcmd, None, pt_env, a.timeout, pt_log,
-                            lambda: posttrain_result(case / "posttrain-out", pt_log, p, expected_tokens, prompt_tokens))
+                            lambda: posttrain_result(case / "posttrain-out", pt_log, p, expected_tokens, prompt_tokens,
+                                                     pt_kto))
                 pt_runs.append(r)
                 print(f"  posttrain #{i}: " + (f"wall {r.result.get('wall_s', 0):.2f}s rss {r.rss_mb:.0f}MB" if r.ok else r.error.splitlines()[0]), flush=True)
             if peer_py.exists():
@@ -867,6 +999,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sec.append(f"Work: {p.steps} steps x batch {p.batch_size} ({UNIT[p.recipe]}), max_length {max_length}, lr {p.lr}; "
                        f"row lengths (tokens) min {min(lens)} / median {statistics.median(lens):.0f} / max {max(lens)}.")
+            if p.recipe == "kto":
+                sec.append("Unpaired rows `{prompt, completion, label}` (each arithmetic pair's chosen completion once, "
+                           "label true, and its rejected one once, false: half desirable, in the order d_0, u_h, d_1, "
+                           "u_(h+1), ...), beta 0.1, desirable / undesirable weights 1.0, loss_type kto. Both sides take "
+                           "the rows in file order (TRL's KTOTrainer requires sequential sampling; posttrain "
+                           "`data.shuffle=false`), so each step holds the same rows. Each row also has a mismatched "
+                           "pair (its prompt with another row's completion) whose log-ratio under policy and reference "
+                           "gives the KL reference point z0: TRL runs the policy (no grad) and the reference over the "
+                           "pairs and the reference over the rows inside every step (`precompute_ref_log_probs=False`, "
+                           "its default, a second model); posttrain runs the reference over rows and pairs once before "
+                           "training (its log's time is added to its loop) and the policy over the pairs before each "
+                           "step. max_length leaves room for any prompt with any completion, so no pair is cut.")
             if p.recipe == "sft":
                 sec.append("posttrain runs its recommended setting `packing=true`: each batch's sequences in one row with no "
                            "padding and causal attention per sequence (padding-free; the same loss as the padded batch). "
@@ -888,10 +1032,16 @@ def main(argv: list[str] | None = None) -> int:
         sec += table(p, pt, peer, peer_name)
         sec.append("")
         if pt and peer:
-            ok, msg = same_work(p, pt, peer, expected_tokens, after_end_of_turn(tok, kind, rows))
+            if p.recipe == "kto" and pt_kto:
+                pr = next(r.result for r in peer_runs if r.ok)
+                kto_counts.update(pt_rows=pt_kto["tokens_rows"], pt_kl=pt_kto["tokens_kl"],
+                                  peer_rows=pr.get("tokens_rows"), peer_kl=pr.get("tokens_kl"))
+                ok, msg = same_work_kto(pt, peer, kto_counts, after_end_of_turn(tok, kind, rows))
+            else:
+                ok, msg = same_work(p, pt, peer, expected_tokens, after_end_of_turn(tok, kind, rows))
             sec.append("- posttrain is measured from outside (`posttrain_result`): loop time from its metrics.jsonl "
                        "(PPO: logged rollout + train seconds; else the harness's token count / mean logged "
-                       "`tokens_per_second`, + DPO's logged reference pass), memory from the process rusage")
+                       "`tokens_per_second`, + DPO's / KTO's logged reference pass), memory from the process rusage")
             sec.append(f"- same work: {'yes' if ok else '**NO — the comparison below is not valid**'}: {msg}")
             sec += targets(p, pt, peer)
             missed = any("**missed**" in line for line in targets(p, pt, peer))
@@ -908,7 +1058,8 @@ def main(argv: list[str] | None = None) -> int:
         sections += sec + [""]
         raw[key] = {"plan": p.__dict__, "params": params, "flops_per_token": fpt, "max_length": max_length,
                     "posttrain": [r.__dict__ for r in pt_runs], "peer": [r.__dict__ for r in peer_runs],
-                    "posttrain_cmd": pcmd, "peer_cmd": qcmd}
+                    "posttrain_cmd": pcmd, "peer_cmd": qcmd, **({"kto_tokens": {**kto_counts, "posttrain": pt_kto}}
+                                                                 if p.recipe == "kto" else {})}
         (work / "raw.json").write_text(json.dumps(raw, indent=1, default=str))
         if a.budget:  # a time-boxed run may be killed: keep a report of the cases done so far
             info["loadavg_end"] = os.getloadavg()
@@ -946,6 +1097,7 @@ def write_report(out: Path, started, info, peak, a, repeats, versions, notes, co
            "high-water mark of allocated bytes); the memory target is judged on it. Both loop ends wait for the GPU "
            "(`torch.cuda.synchronize`). " if a.device == "cuda" else "") +
         "MFU = achieved model FLOP/s / the matmul peak above (FLOPs per token: SFT/RM 6N, DPO 8N, ORPO/SimPO 6N, "
+        "KTO 6N over rows + mismatched pairs, "
         "PPO 2N sample + 2N ref + 2N reward + 2N value + epochs x 6(N+N_value); GRPO 2N sample + 6N train). Final loss "
         "is the last logged "
         "value (TRL logs the mean over its logging window). Ratios are posttrain / peer: above 1 is better "
