@@ -67,6 +67,13 @@ def test_log_probs_and_entropies_equal_the_per_row_layout(model_tok, lora):
     assert got.shape == want.shape == mask.shape
     torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_h[mask], want_h[mask], atol=1e-5, rtol=1e-5)
+    # a micro-batch without the longest prompt: its leading all-padding columns are dropped from the prompt pass
+    short = torch.tensor([i for i in range(3 * G) if i // G != 1])
+    ids, attn = batch.sequences[short], batch.attention_mask[short]
+    assert not attn[:, 0].any()
+    want = token_logprobs(model, ids, attn, start=p - 1)
+    got = shared_prompt_logprobs(model, ids, attn, p)
+    torch.testing.assert_close(got[mask[short]], want[mask[short]], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("keys", [{"loss_type": "grpo"}, {"loss_type": "dapo", "beta": 0.3},
