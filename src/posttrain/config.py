@@ -492,7 +492,7 @@ class GRPOConfig(OptimKeys, RunKeys, ModelLoadKeys):
                   "num_iterations x steps_per_generation optimizer steps",
         num_epochs="grpo runs `total_episodes` completions (`num_iterations` is the passes over each generation)",
         grad_accum="grpo's optimizer step is rollout.batch_size / steps_per_generation completions, in micro-batches "
-                   "of `batch_size`",
+                   "of `batch_size` (rounded down to whole groups)",
         generation_batch_size="grpo's key is `rollout.batch_size` (completions per generation)",
         max_completion_length="grpo's key is `rollout.max_new_tokens`",
         kl_coef="grpo's KL weight is `beta`", clip_range="grpo's clip keys are `epsilon` and `epsilon_high`",
@@ -534,6 +534,10 @@ class GRPOConfig(OptimKeys, RunKeys, ModelLoadKeys):
                                         "and sample more prompts until the generation is full")
     max_generation_batches: int = opt(4, "dynamic sampling: at most this many rollout batches per generation; "
                                          "short of groups then, train on those kept")
+    share_prompt_forward: bool = opt(True, "run each group's prompt once in the training and reference forwards, the "
+                                           "completions on top of its KV cache (the same numbers, fewer tokens; "
+                                           "off, or a model where it is not exact, e.g. sliding-window attention or "
+                                           "gradient checkpointing: every completion row carries its prompt)")
     eval_task: OptionalTask = opt("", "built-in task whose verifier scores held-out prompts during training")
     eval_prompts: int = opt(64, "held-out prompts scored at each evaluation")
     eval_every: int = opt(0, "evaluate every N generations (0 = start and end only)")

@@ -312,3 +312,99 @@ def sequence_scores(rm: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     values = token_values(rm, input_ids, attention_mask)  # (B, T) or (B, T, C)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (B,)
     return values[rows, last_token_index(attention_mask)]
+
+
+# --------------------------------------------------------------------------- shared prompts (GRPO groups)
+
+
+def _cache_kwarg(module: nn.Module) -> str | None:
+    """The keyword a forward takes its KV cache under (transformers 5 renamed `past_key_values` to `cache`)."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def shared_prompt_unsupported(model: nn.Module) -> str | None:
+    """None when `shared_prompt_logprobs` gives `token_logprobs`' numbers on this model, else why it does not (the
+    caller then takes the per-row layout): logits that need the model's own forward, an attention other than SDPA /
+    eager, sliding-window or chunked layers (a cache that keeps only the window, per-layer masks), gradient
+    checkpointing (transformers drops the cache under it), FSDP, or a model with no separate backbone or no cache."""
+    inner = unwrap(model)
+    config = inner.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if logit_head(inner).own_forward:
+        return "the model's logits need its own forward"
+    if attention_name(model) not in ("sdpa", "eager"):
+        return f"attention {attention_name(model)!r} (shared prompts need sdpa or eager)"
+    if (set(getattr(text, "layer_types", None) or ["full_attention"]) != {"full_attention"}
+            or getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None)):
+        return "sliding-window or chunked attention layers"
+    if getattr(inner, "is_activation_checkpointing", None) or (
+            not hasattr(inner, "is_activation_checkpointing") and getattr(inner, "is_gradient_checkpointing", False)):
+        return "gradient checkpointing (no KV cache under it)"
+    if any(type(m).__name__.startswith("FSDP") for m in (model, inner)):
+        return "FSDP"
+    if inner.base_model is inner or _cache_kwarg(inner) is None or _cache_kwarg(inner.base_model) is None:
+        return f"{type(inner).__name__} has no separate backbone taking a KV cache"
+    return None
+
+
+def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """(N,) group index of each row: consecutive rows with the same (left-padded) prompt share one."""
+    ids, mask = input_ids[:, :prompt_width], attention_mask[:, :prompt_width]
+    same = (ids[1:] == ids[:-1]).all(-1) & (mask[1:] == mask[:-1]).all(-1)  # (N-1,)
+    return torch.cat([same.new_ones(1), ~same]).long().cumsum(0) - 1
+
+
+def shared_prompt_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_width: int,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int = 1024,
+):
+    """`token_logprobs(model, input_ids, attention_mask, start=prompt_width - 1)` with each run of rows that share a
+    prompt (a GRPO group) running that prompt through the model once: (N, R) log-probs of the response tokens
+    input_ids[:, P:] (and entropies), float32. Rows: a left-padded prompt of width P, then the response.
+
+    The distinct prompts (k, P') (leading columns that are padding in all of them dropped) run through the backbone
+    with a KV cache; the cache is expanded to the N rows by repeated indices (`DynamicCache.batch_select_indices`,
+    a differentiable gather: the gradient of every row flows back into its group's prompt forward); the responses'
+    first R - 1 tokens then run on top of it through the model's top-level forward (wrappers and LoRA see the call),
+    with the prompt-and-response padding mask and positions continuing each prompt's. Response token 0 is predicted
+    from the prompt's last hidden state. The same numbers as the per-row layout up to float rounding; the caller
+    checks `shared_prompt_unsupported` first. Tokens through the model: k P' + N (R - 1) instead of N (P + R).
+    """
+    from transformers import DynamicCache
+
+    p = prompt_width
+    inner = unwrap(model)
+    group = prompt_groups(input_ids, attention_mask, p)  # (N,)
+    first = torch.cat([group.new_zeros(1), (group[1:] != group[:-1]).nonzero().squeeze(-1) + 1])  # (k,) first rows
+    positions = positions_from_mask(attention_mask)  # (N, P+R)
+    prompt_mask = attention_mask[first, :p]  # (k, P)
+    lead = int((prompt_mask.sum(0) == 0).long().cumprod(0).sum())  # columns of padding in every prompt
+    cache = DynamicCache(config=inner.config)
+    out = inner.base_model(input_ids=input_ids[first, lead:p], attention_mask=prompt_mask[:, lead:],
+                           position_ids=positions[first, lead:p], use_cache=True,
+                           **{_cache_kwarg(inner.base_model): cache})
+    last = out.last_hidden_state[:, -1]  # (k, D): left padding, so the last column is each prompt's last token
+    cache.batch_select_indices(group)  # (N, ...): repeated indices, autograd flows through the gather
+    hidden = last[group][:, None]  # (N, 1, D)
+    if input_ids.shape[1] - p > 1:
+        caught = []
+        hook = inner.base_model.register_forward_hook(lambda _m, _args, o: caught.append(o[0]))
+        try:
+            model(input_ids=input_ids[:, p:-1], attention_mask=attention_mask[:, lead:-1],
+                  position_ids=positions[:, p:-1], use_cache=True, logits_to_keep=1, **{_cache_kwarg(inner): cache})
+        finally:
+            hook.remove()
+        hidden = torch.cat([hidden, caught[-1]], dim=1)  # (N, R, D)
+    head = logit_head(inner)
+    return logprobs_from_hidden(hidden, lm_head_weight(model), input_ids[:, p:], temperature=temperature,
+                                chunk_size=chunk_size, return_entropy=return_entropy, scale=head.scale,
+                                softcap=head.softcap)

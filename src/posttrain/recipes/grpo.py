@@ -16,7 +16,16 @@ One generation = ``rollout.batch_size`` completions; ``total_episodes // rollout
    = its reward minus its group's mean, divided by the group's std, the batch's, or nothing (``scale_rewards``),
    the same for every token of it.
 4. Optimise: ``num_iterations`` passes over the generation, each ``steps_per_generation`` optimizer steps over
-   shuffled slices of ``rollout.batch_size / steps_per_generation`` completions (micro-batches of ``batch_size``).
+   shuffled slices of ``rollout.batch_size / steps_per_generation`` completions. The shuffle moves whole groups, never
+   single completions (so a slice must hold whole groups: ``check_config``), and a micro-batch is ``batch_size``
+   completions rounded down to whole groups (at least one group); with ``steps_per_generation`` 1 only the
+   micro-batch split differs from shuffling completions. SHARED PROMPTS (``share_prompt_forward``): each group's G
+   completions share one prompt, so the training passes (and make_experience's reference / recomputed old
+   log-probs) run the prompt once per group and the completions on top of its KV cache
+   (`models.forward.shared_prompt_logprobs`): G P - P fewer tokens a group, the same numbers up to float rounding
+   (tests/recipes/test_grpo_shared.py). Where that layout is not exact or not supported
+   (`models.forward.shared_prompt_unsupported`: the model's own logit forward, sliding-window attention, gradient
+   checkpointing, FSDP, attention other than SDPA / eager) every row carries its prompt, as with the key off.
    Per token: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) [+ beta * k3 (clamped as verl), unless
    ``kl_in_reward``], with r per token or one per completion (``importance_sampling_level``). Truncated
    completions leave the loss with ``mask_truncated_completions``.
@@ -53,6 +62,7 @@ from posttrain.losses import (aggregate, aggregate_count, clipped_surrogate, gro
                               soft_overlong_penalty)
 from posttrain.models import (apply_freeze, apply_lora, disable_dropout, load_causal_lm, load_tokenizer,
                               reference_context, token_logprobs)
+from posttrain.models.forward import shared_prompt_logprobs, shared_prompt_unsupported
 from posttrain.recipes.common import resume_step, save_final
 from posttrain.recipes.prompts import Prompts, gold_metrics, load_inputs, reward_context
 from posttrain.rewards import build_reward, prompt_text, score_parts
@@ -72,9 +82,10 @@ def check_config(cfg: GRPOConfig, world: int = 1) -> None:
                           + (f" x {world} processes" if world > 1 else ""))
     if min(cfg.num_iterations, cfg.steps_per_generation, cfg.batch_size, cfg.max_generation_batches) < 1:
         raise ConfigError("`num_iterations`, `steps_per_generation`, `batch_size` and `max_generation_batches` must be >= 1")
-    if r.batch_size % (world * cfg.steps_per_generation):
+    if r.batch_size % (world * cfg.steps_per_generation * g):
         raise ConfigError(f"`rollout.batch_size` ({r.batch_size}) must split into `steps_per_generation` "
-                          f"({cfg.steps_per_generation}) equal optimizer steps" + (f" on each of {world} processes" if world > 1 else ""))
+                          f"({cfg.steps_per_generation}) equal optimizer steps of whole groups of `num_generations` "
+                          f"({g})" + (f" on each of {world} processes" if world > 1 else ""))
     if cfg.total_episodes < r.batch_size:
         raise ConfigError(f"`total_episodes` ({cfg.total_episodes}) is smaller than one generation (`rollout.batch_size` {r.batch_size})")
     if cfg.epsilon <= 0 or cfg.epsilon_high < 0:
@@ -99,9 +110,18 @@ def load_models(cfg: GRPOConfig, tok, device) -> tuple[nn.Module, nn.Module | No
 # --------------------------------------------------------------------------- sample and score
 
 
-def response_logprobs(model, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-    """log pi(response token j) at the sampling temperature, (N, R), with the prompt's positions never projected."""
+def shares_prompt(cfg: GRPOConfig, model) -> bool:
+    """Whether the forward passes run each group's prompt once (``share_prompt_forward`` and a model on which that
+    layout is exact: `models.forward.shared_prompt_unsupported`); else every completion row carries its prompt."""
+    return cfg.share_prompt_forward and shared_prompt_unsupported(model) is None
+
+
+def response_logprobs(model, batch: RolloutBatch, temperature: float, shared: bool = False) -> torch.Tensor:
+    """log pi(response token j) at the sampling temperature, (N, R), with the prompt's positions never projected;
+    `shared`: each group's prompt runs once (`models.forward.shared_prompt_logprobs`, the same numbers)."""
     p = batch.prompt_width
+    if shared:
+        return shared_prompt_logprobs(model, batch.sequences, batch.attention_mask, p, temperature=temperature)
     return token_logprobs(model, batch.sequences, batch.attention_mask, batch.position_ids(), temperature=temperature,
                           start=p - 1)
 
@@ -228,14 +248,14 @@ def make_experience(cfg: GRPOConfig, policy, ref, gen: Generation, amp, share: R
     batch, temp = gen.batch, cfg.rollout.temperature
     response = batch.response_mask.bool()  # (N, R)
     with autocast(amp, batch.sequences.device):
-        old_logp = batch.logprobs if amp is None else response_logprobs(policy, batch, temp)
+        old_logp = batch.logprobs if amp is None else response_logprobs(policy, batch, temp, shares_prompt(cfg, policy))
         ref_logp = None
         if cfg.beta > 0:
             if ref is not None:
-                ref_logp = response_logprobs(ref, batch, temp)
+                ref_logp = response_logprobs(ref, batch, temp, shares_prompt(cfg, ref))
             else:
                 with reference_context(policy) as base:
-                    ref_logp = response_logprobs(base, batch, temp)
+                    ref_logp = response_logprobs(base, batch, temp, shares_prompt(cfg, base))
     scores, stats = gen.scores.to(old_logp.device), {}
     if cfg.beta > 0 and cfg.kl_in_reward:
         # k1, whose sum is an unbiased estimate of the sequence KL with an unbiased gradient as a reward term
@@ -253,12 +273,21 @@ def make_experience(cfg: GRPOConfig, policy, ref, gen: Generation, amp, share: R
 # --------------------------------------------------------------------------- optimisation
 
 
-def grpo_loss_fn(cfg: GRPOConfig):
-    """loss_fn for train_step: the clipped surrogate [+ beta * k3] per token, aggregated as `loss_type`."""
+def grpo_loss_fn(cfg: GRPOConfig, shared: bool | None = None):
+    """loss_fn for train_step: the clipped surrogate [+ beta * k3] per token, aggregated as `loss_type`. `shared`:
+    run each group's prompt once (None: `shares_prompt`, decided on the first call's model)."""
+    decided: list[bool] = [] if shared is None else [shared]
+
     def loss_fn(model, mb: Experience):
-        logp, entropy = token_logprobs(model, mb.sequences, mb.attention_mask, mb.position_ids,
-                                       temperature=cfg.rollout.temperature, return_entropy=True,
-                                       start=mb.prompt_width - 1)  # (n, R) each
+        if not decided:
+            decided.append(shares_prompt(cfg, model))
+        if decided[0]:  # the micro-batch's rows are whole groups, each group's rows consecutive
+            logp, entropy = shared_prompt_logprobs(model, mb.sequences, mb.attention_mask, mb.prompt_width,
+                                                   temperature=cfg.rollout.temperature, return_entropy=True)
+        else:
+            logp, entropy = token_logprobs(model, mb.sequences, mb.attention_mask, mb.position_ids,
+                                           temperature=cfg.rollout.temperature, return_entropy=True,
+                                           start=mb.prompt_width - 1)  # (n, R) each
         loss, stats = clipped_surrogate(logp, mb.old_logp, mb.advantages, mb.mask, epsilon=cfg.epsilon,
                                         epsilon_high=cfg.epsilon_high or None, level=cfg.importance_sampling_level)
         n = mb.mask.sum()
@@ -272,17 +301,27 @@ def grpo_loss_fn(cfg: GRPOConfig):
     return loss_fn
 
 
+def micro_batch_groups(cfg: GRPOConfig) -> int:
+    """Groups per micro-batch: `batch_size` completions rounded down to whole groups, at least one."""
+    return max(1, cfg.batch_size // cfg.num_generations)
+
+
 def grpo_update(cfg: GRPOConfig, run, model, exp: Experience, optimizer, scheduler, generator, share: RolloutShare,
                 scaler=None) -> dict:
-    """num_iterations passes, each steps_per_generation optimizer steps over shuffled slices of the generation."""
-    loss_fn, amp = grpo_loss_fn(cfg), autocast_dtype(cfg, run.device)
-    n, sums, steps = exp.mask.shape[0], {}, 0  # this rank's rows
-    per_step = share.rows_per_rank(cfg.rollout.batch_size // cfg.steps_per_generation)
+    """num_iterations passes, each steps_per_generation optimizer steps over shuffled slices of the generation's
+    groups; micro-batches of `micro_batch_groups` whole groups (module doc, step 4)."""
+    loss_fn, amp = grpo_loss_fn(cfg, shares_prompt(cfg, model)), autocast_dtype(cfg, run.device)
+    g, sums, steps = cfg.num_generations, {}, 0
+    groups = exp.mask.shape[0] // g  # this rank's groups; a group's rows are consecutive
+    per_step = share.rows_per_rank(cfg.rollout.batch_size // cfg.steps_per_generation) // g  # groups a step
+    per_micro = micro_batch_groups(cfg)
+    within = torch.arange(g)
     for _ in range(cfg.num_iterations):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, per_step):
-            rows = order[start: start + per_step]
-            micro = [exp.rows(rows[i: i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
+        order = torch.randperm(groups, generator=generator)
+        for start in range(0, groups, per_step):
+            picked = order[start: start + per_step]
+            micro = [exp.rows((picked[i: i + per_micro, None] * g + within).reshape(-1))
+                     for i in range(0, len(picked), per_micro)]
             metrics = train_step(model, micro, loss_fn, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
                                  dist=run.dist, count_fn=lambda m: aggregate_count(m.mask, cfg.loss_type),
                                  autocast_dtype=amp, scaler=scaler)
@@ -347,6 +386,10 @@ def main(cfg: GRPOConfig) -> dict:
                           attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     sampler = Sampler(policy, tok, cfg.rollout, amp=amp)
     model = wrap_model(policy, run.dist, "ddp")  # the sampler uses the bare policy
+    if run.dist.is_main:
+        why = shared_prompt_unsupported(model) if cfg.share_prompt_forward else "share_prompt_forward=false"
+        print("forward passes: " + ("each group's prompt once, completions on its KV cache" if why is None
+                                    else f"every completion with its prompt ({why})"), flush=True)
     optimizer, scaler = build_optimizer(model, cfg), grad_scaler(amp, device)
     n_generations = cfg.total_episodes // cfg.rollout.batch_size
     scheduler = build_scheduler(optimizer, cfg, n_generations * cfg.num_iterations * cfg.steps_per_generation)
