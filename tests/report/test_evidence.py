@@ -85,3 +85,19 @@ def test_the_multi_seed_report(seeds, tmp_path):
     assert "(per seed: +0.0, +0.0, +0.0; t = 4.30): **no verdict**, eval-unchanged (seeds 0, 1, 2)." in text
     assert "| sft | 37.5% ± 0.0 | 37.5%, 37.5%, 37.5% |" in text
     assert text.count("### seed ") == 3 and "| 0 | 15 |" in text
+
+
+def test_the_new_methods_claims_compare_against_their_papers_baselines(seeds):
+    """kto / orpo / simpo against dpo and the GRPO rows against ppo-verifier / grpo: 'not run' until those runs exist,
+    then judged like every claim. Seed 0 gets a kto run equal to dpo plus 0.25 on every prompt."""
+    loaded = [load_seed(s, f, METHODS) for s, f in seeds.items()]
+    rows = {c[0]: c for c in claims(loaded, "sampled_gold_score", "mean gold score")}
+    for claim in ("KTO on the same preferences, unpaired, beats DPO", "ORPO beats DPO", "SimPO beats DPO",
+                  "GRPO without a critic beats PPO with one", "DAPO beats GRPO", "Dr. GRPO beats GRPO"):
+        assert rows[claim][4:] == ("not run", "not measured")
+    (seeds[0] / "kto").mkdir()
+    (seeds[0] / "kto" / "eval.json").write_text(json.dumps(_eval([0.75, 0.5, 0.75, 0.5])))
+    loaded = [load_seed(s, f, METHODS) for s, f in seeds.items()]
+    kto = {c[0]: c for c in claims(loaded, "sampled_gold_score", "mean gold score")}[
+        "KTO on the same preferences, unpaired, beats DPO"]
+    assert kto[2] == "kto − dpo, mean gold score" and kto[3].per_seed == pytest.approx([0.25])

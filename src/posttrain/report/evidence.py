@@ -247,6 +247,18 @@ def claims(seeds: list[Seed], key: str, what: str) -> list[tuple[str, str, str, 
         "dpo: log π(y_w)/π_ref(y_w) of the chosen responses at the end of training (nats; below 0: even the "
         "preferred response lost mass, so the pair's mass went elsewhere)", metric_effect(seeds, chosen),
         sign=-1, scale=1.0, unit=" nats", digits=3)
+    # the preference family and the GRPO family, each against what its paper compares it with (same SFT start,
+    # same preference pairs or the same verifier and prompts)
+    for a, b, claim, source in (
+            ("kto", "dpo", "KTO on the same preferences, unpaired, beats DPO",
+             "Ethayarajh et al. 2024, Sec. 4 (KTO matches or exceeds DPO at 1B-30B)"),
+            ("orpo", "dpo", "ORPO beats DPO", "Hong et al. 2024, Sec. 6 (Mistral-ORPO vs Zephyr, AlpacaEval 2.0)"),
+            ("simpo", "dpo", "SimPO beats DPO", "Meng et al. 2024, Table 4 (up to +6.4 points on AlpacaEval 2)"),
+            ("grpo", "ppo-verifier", "GRPO without a critic beats PPO with one",
+             "Shao et al. 2024, Sec. 4 (the group baseline replaces the critic)"),
+            ("dapo", "grpo", "DAPO beats GRPO", "Yu et al. 2025, Fig. 1 (AIME 2024: 50 vs 30)"),
+            ("dr_grpo", "grpo", "Dr. GRPO beats GRPO", "Liu et al. 2025, Sec. 3 (no length or difficulty bias)")):
+        add(claim, source, f"{a} − {b}, {what}", paired_effect(seeds, a, b, key))
     add("Training the top layers with the new head beats the head alone", "seed (transfer learning, SFT section)",
         "classification on sentiment: top 2 blocks + head − head only, held-out accuracy",
         classify_effect(seeds, "top2", "head"))
