@@ -262,7 +262,7 @@ def main(cfg: DPOConfig) -> dict:
         ref_model = None
         if run.dist.is_main:
             print(f"reference log-probs cached for {len(data.train) + len(data.eval)} pairs in "
-                  f"{time.perf_counter() - t0:.1f} s",
+                  f"{time.perf_counter() - t0:.2f} s",
                   flush=True)
     elif needs_reference and ref_model is None and cfg.lora.r <= 0:
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()

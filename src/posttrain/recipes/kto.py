@@ -238,7 +238,7 @@ def main(cfg: KTOConfig) -> dict:
     del ref_model
     if run.dist.is_main:
         print(f"reference log-probs cached for {len(train_items) + len(eval_items)} rows and their mismatched pairs "
-              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+              f"in {time.perf_counter() - t0:.2f} s", flush=True)
 
     run.logger.log({**data.summary, "data/train_rows": len(train_items), "data/eval_rows": len(eval_items)}, step=0)
     model, optimizer, scheduler, _ = prepare_trainable(cfg, run, model, task_type="causal_lm", n_items=len(train_items))
